@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 # ======================================================================================================
@@ -181,13 +180,27 @@ class WarpConfig(ConfigBase):
     """Also train plain REINFORCE for I * M * T steps, for comparison."""
     baseline_checkpoints: int = 5
     """REINFORCE checkpoints kept along its training (points on 03's Pareto plot)."""
+    save_every: int = 10
+    """Steps between resumable progress checkpoints of a run."""
+    parallel: bool = True
+    """Run the M runs of an iteration at once, one per GPU, when there are at least 2 GPUs."""
+    cpu_threads: int = 0
+    """torch threads per run on the CPU (0 = torch's default); fixed values make runs bitwise repeatable."""
 
     PRESET_DEFAULTS = {
         "imdb": {},
         # Sized for 2 CPU cores in minutes; lr and steps chosen so the reward does not saturate (SPEC 6).
         "offline": dict(
-            iterations=2, runs=2, steps=25, batch_size=32, grad_accum=1, lr=1e-4, warmup_steps=2,
-            prompt_tokens=8, max_new_tokens=32, temperature=0.9,
+            iterations=2,
+            runs=2,
+            steps=25,
+            batch_size=32,
+            grad_accum=1,
+            lr=1e-4,
+            warmup_steps=2,
+            prompt_tokens=8,
+            max_new_tokens=32,
+            temperature=0.9,
         ),
     }
 
@@ -207,6 +220,8 @@ class WarpConfig(ConfigBase):
         )
         self._require(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "'no'/'fp16'/'bf16'")
         self._require(self.baseline_checkpoints >= 1, "baseline_checkpoints", "must be >= 1")
+        self._require(self.save_every >= 1, "save_every", "must be >= 1")
+        self._require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0")
 
 
 # ======================================================================================================
@@ -404,12 +419,16 @@ def decode_texts(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, completions
     """Review texts x + y: the real prompt tokens then the completion without its EOS and padding."""
     keep = torch.cat([prompt_mask.bool(), mask & (completions != tokenizer.eos_token_id)], dim=1)
     ids = torch.cat([prompt_ids, completions], dim=1)
-    return [tokenizer.decode(row[k].tolist()) for row, k in zip(ids, keep)]
+    return [tokenizer.decode(row[k].tolist()) for row, k in zip(ids, keep, strict=True)]
 
 
 @torch.no_grad()
 def score_texts(
-    reward_model: nn.Module, reward_tokenizer, texts: Sequence[str], batch_size: int = 64, max_length: int = 512
+    reward_model: nn.Module,
+    reward_tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 64,
+    max_length: int = 512,
 ) -> Tensor:
     """(N,) float32 rewards: the reward model's single logit, batched, re-tokenised with its own tokenizer."""
     device = model_device(reward_model)
@@ -706,6 +725,331 @@ def set_rng_state(state: dict) -> None:
 
 
 # ======================================================================================================
+# The RL step and Algorithm 1
+# ======================================================================================================
+
+
+def make_reward_fn(
+    reward_model: nn.Module, reward_tokenizer, policy_tokenizer, batch_size: int, max_length: int
+):
+    """r(x, y): decode prompt + completion with the policy's tokenizer, score with the reward model."""
+
+    def reward_fn(prompt_ids: Tensor, prompt_mask: Tensor, completions: Tensor, mask: Tensor) -> Tensor:
+        texts = decode_texts(policy_tokenizer, prompt_ids, prompt_mask, completions, mask)
+        return score_texts(reward_model, reward_tokenizer, texts, batch_size, max_length)
+
+    return reward_fn
+
+
+def advantages(r_beta: Tensor, baseline: str, k: int = 1) -> Tensor:
+    """(B,) REINFORCE weights: r_beta itself ('none'), minus the batch mean ('mean'), or RLOO's
+    leave-one-out mean over the k samples of the same prompt ('rloo'; rows grouped prompt by prompt)."""
+    if baseline == "none":
+        return r_beta
+    if baseline == "mean":
+        return r_beta - r_beta.mean()
+    if baseline == "rloo":
+        groups = r_beta.view(-1, k)  # (B/k, k): k samples per prompt
+        others_mean = (groups.sum(1, keepdim=True) - groups) / (k - 1)
+        return (groups - others_mean).flatten()
+    raise ValueError(f"baseline={baseline!r}: 'none', 'mean' or 'rloo'")
+
+
+def prompt_batches(n_prompts: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of prompt indices: a fresh seeded permutation each epoch (runs differ by seed)."""
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n_prompts, generator=g).tolist()
+        for i in range(0, n_prompts - batch_size + 1, batch_size):
+            yield order[i : i + batch_size]
+        epoch += 1
+
+
+def policy_loss(
+    policy: nn.Module,
+    anchor: nn.Module,
+    reward_fn,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    cfg: WarpConfig,
+    eos_token_id: int,
+) -> tuple[Tensor, dict[str, float]]:
+    """Alg. 1, lines 6-8 on one micro-batch: sample, KL-regularised reward, REINFORCE loss."""
+    # 1. sample y ~ pi_theta(.|x) at the training temperature (line 6)
+    completions, mask = sample_completions(
+        policy,
+        prompt_ids,
+        prompt_mask,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        eos_token_id=eos_token_id,
+    )
+    # 2. log pi_theta(y|x) with gradient and log pi_ema(y|x) without, same temperature, one pass each
+    logits = completion_logits(policy, prompt_ids, prompt_mask, completions, cfg.temperature)  # (B, L, V)
+    logprobs = token_logprobs(logits, completions)  # (B, L)
+    with torch.no_grad():
+        ref_logits = completion_logits(anchor, prompt_ids, prompt_mask, completions, cfg.temperature)
+        ref_logprobs = token_logprobs(ref_logits, completions)
+    # 3. the reward model scores the decoded review x + y
+    scores = reward_fn(prompt_ids, prompt_mask, completions, mask).to(logprobs.device)  # (B,)
+    # 4. r_beta = r - beta * log(pi_theta(y|x) / pi_ema(y|x)), sequence level, detached (line 7)
+    seq_logprobs = masked_sum(logprobs, mask)  # (B,)
+    kl = (seq_logprobs - masked_sum(ref_logprobs, mask)).detach()
+    r_beta = scores - cfg.beta * kl
+    # 5. REINFORCE: grad of -A * log pi_theta(y|x), A = r_beta (minus an optional baseline) (line 8)
+    adv = advantages(r_beta, cfg.baseline, cfg.rloo_k).detach()
+    loss = -(adv * seq_logprobs).mean()
+    with torch.no_grad():
+        stats = {
+            "objective/scores": scores.mean().item(),
+            "objective/kl": kl.mean().item(),
+            "objective/rlhf_reward": r_beta.mean().item(),
+            "loss/policy": loss.item(),
+            "policy/entropy": masked_mean(entropy(logits.detach()), mask).item(),
+            "policy/completion_length": mask.sum(1).float().mean().item(),
+        }
+    return loss, stats
+
+
+@dataclass
+class RunSpec:
+    """One RL run of Algorithm 1's inner loop (or the REINFORCE baseline): where it starts and ends."""
+
+    run_dir: str
+    """Folder of this run: progress checkpoint, final weights, metrics."""
+    init_path: str
+    """torch file holding theta_init (a parameter state dict)."""
+    seed: int
+    """Seeds prompt order and sampling; the only difference between the M runs of an iteration."""
+    steps: int
+    """Number of Adam steps (T)."""
+    save_points: tuple[int, ...] = ()
+    """Steps after which to keep a `save_pretrained` snapshot (the REINFORCE baseline's Pareto points)."""
+
+
+def run_finished(run_dir: str | Path) -> bool:
+    """A run is finished when its final weights were written (atomically, last)."""
+    return (Path(run_dir) / "final.pt").exists()
+
+
+def train_run(cfg: WarpConfig, spec: RunSpec, prompts: list[list[int]], on_step=None, device=None) -> Path:
+    """Alg. 1, lines 3-9: T steps of REINFORCE against an EMA anchor, from theta_init.
+
+    Resumes from `run_dir/progress.pt` when present and ends with the same weights as an uninterrupted
+    run (bitwise on the CPU). `on_step(step, metrics)` is called after each step (progress, tests).
+    Returns the path of the final policy state.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    run_dir = Path(spec.run_dir)
+    final = run_dir / "final.pt"
+    if final.exists():
+        return final
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=device == "cpu"
+    )
+    policy, tokenizer = load_policy(cfg.sft)
+    anchor, _ = load_policy(cfg.sft)
+    reward_model, reward_tokenizer = load_reward_model(cfg.reward_model)
+    reward_model.to(accelerator.device)
+    reward_fn = make_reward_fn(
+        reward_model, reward_tokenizer, tokenizer, cfg.reward_batch_size, cfg.reward_max_length
+    )
+
+    # Alg. 1, line 3: theta_m <- theta_init; theta_ema_m <- theta_init
+    init = torch.load(spec.init_path, weights_only=True)
+    load_state(policy, init)
+    load_state(anchor, init)
+    # dropout off: the gradient must see the distribution that sampled; only the policy learns
+    policy.eval().requires_grad_(True)
+    anchor.eval().requires_grad_(False).to(accelerator.device)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1))
+    )
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+
+    step, history = 0, []
+    progress = run_dir / "progress.pt"
+    if progress.exists():  # resume where the interrupted run stopped
+        ckpt = torch.load(progress, weights_only=False)
+        load_state(accelerator.unwrap_model(policy), ckpt["policy"])
+        load_state(anchor, ckpt["anchor"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        step, history = ckpt["step"], ckpt["history"]
+        set_rng_state(ckpt["rng"])
+    else:
+        torch.manual_seed(spec.seed)
+
+    rows_per_prompt = cfg.rloo_k if cfg.baseline == "rloo" else 1
+    batches = prompt_batches(len(prompts), cfg.batch_size // rows_per_prompt, spec.seed)
+    for _ in range(step * cfg.grad_accum):  # skip the prompt batches already used
+        next(batches)
+    bar = tqdm(total=spec.steps, initial=step, desc=run_dir.name, leave=False)
+    while step < spec.steps:
+        # Alg. 1, lines 5-8: one Adam step over grad_accum micro-batches
+        stats = []
+        for _ in range(cfg.grad_accum):
+            rows = [prompts[i] for i in next(batches) for _ in range(rows_per_prompt)]
+            prompt_ids, prompt_mask = left_pad(rows, tokenizer.pad_token_id)
+            prompt_ids, prompt_mask = prompt_ids.to(accelerator.device), prompt_mask.to(accelerator.device)
+            with accelerator.accumulate(policy), accelerator.autocast():
+                loss, s = policy_loss(
+                    policy, anchor, reward_fn, prompt_ids, prompt_mask, cfg, tokenizer.eos_token_id
+                )
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            stats.append(s)
+        # Alg. 1, line 9: EMA anchor, theta_ema <- (1 - mu) * theta_ema + mu * theta
+        ema_update(anchor, accelerator.unwrap_model(policy), cfg.mu)
+        step += 1
+        metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+        metrics.update(step=step, lr=scheduler.get_last_lr()[0])
+        history.append(metrics)
+        bar.update(1)
+        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
+
+        # checkpoint: enough state to continue bit for bit
+        unwrapped = accelerator.unwrap_model(policy)
+        if step in spec.save_points:
+            save_pretrained_atomic(unwrapped, tokenizer, run_dir / f"step{step:05d}", extra={"step": step})
+        if step % cfg.save_every == 0 and step < spec.steps:
+            atomic_torch_save(
+                {
+                    "policy": state_of(unwrapped),
+                    "anchor": state_of(anchor),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "step": step,
+                    "history": history,
+                    "rng": rng_state(),
+                },
+                progress,
+            )
+        if on_step is not None:
+            on_step(step, metrics)
+    bar.close()
+    atomic_write_text(run_dir / "metrics.json", json.dumps(history))
+    atomic_torch_save(state_of(accelerator.unwrap_model(policy)), final)
+    progress.unlink(missing_ok=True)
+    accelerator.free_memory()
+    return final
+
+
+def _run_worker(cfg: WarpConfig, spec: RunSpec, prompts: list[list[int]], gpu: int | None) -> None:
+    """Entry point of one parallel run in its own process, pinned to one GPU (or the CPU)."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    train_run(cfg, spec, prompts, device=None if gpu is not None else "cpu")
+
+
+def train_runs(cfg: WarpConfig, specs: list[RunSpec], prompts: list[list[int]], processes: int = 1) -> None:
+    """Run independent RL runs: one after another, or `processes` at a time (one per GPU when present)."""
+    todo = [s for s in specs if not run_finished(s.run_dir)]
+    if processes <= 1 or len(todo) <= 1:
+        for spec in todo:
+            train_run(cfg, spec, prompts)
+        return
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # CUDA cannot be shared with forked children
+    n_gpus = torch.cuda.device_count()
+    for start in range(0, len(todo), processes):
+        procs = []
+        for j, spec in enumerate(todo[start : start + processes]):
+            gpu = j % n_gpus if n_gpus else None
+            p = ctx.Process(target=_run_worker, args=(cfg, spec, prompts, gpu))
+            p.start()
+            procs.append(p)
+        for p in procs:
+            p.join()
+        failed = [s.run_dir for s, p in zip(todo[start:], procs, strict=False) if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"parallel run(s) failed: {failed}; finished runs are kept, rerun to resume")
+
+
+def warp(cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event=None) -> dict[str, Path]:
+    """Algorithm 1 of the WARP paper, every step saved so that a restart continues where it stopped.
+
+    Returns the folders of theta_slerp_I (the last merge) and of the final LITI policy, both
+    `save_pretrained`-loadable. `on_event(name, info)` reports finished runs and merges.
+    """
+    out = Path(cfg.out_dir)
+    sft, tokenizer = load_policy(cfg.sft)
+    init_path = out / "iter0" / "init.pt"
+    if not init_path.exists():  # Alg. 1, line 1: theta_init <- theta_sft
+        atomic_torch_save(state_of(sft), init_path)
+    for i in range(cfg.iterations):  # Alg. 1, line 2
+        it = out / f"iter{i}"
+        init_path = it / "init.pt"
+        # Alg. 1, lines 3-9: M independent runs that differ only in their seed (prompt order, samples)
+        specs = [
+            RunSpec(str(it / f"run{m}"), str(init_path), cfg.seed + 1000 * i + m, cfg.steps)
+            for m in range(cfg.runs)
+        ]
+        train_runs(cfg, specs, prompts, processes)
+        if on_event is not None:
+            on_event("runs", {"iteration": i, "run_dirs": [s.run_dir for s in specs]})
+        next_init = out / f"iter{i + 1}" / "init.pt"
+        if next_init.exists():
+            continue
+        # Alg. 1, line 10: theta_slerp <- slerp(theta_init, {theta_m}, lambda = 1/M)
+        init = torch.load(init_path, weights_only=True)
+        policies = [torch.load(Path(s.run_dir) / "final.pt", weights_only=True) for s in specs]
+        merged = slerp(init, policies)
+        info = {"iteration": i, **(angle_summary(task_vector_angles(init, policies)) if cfg.runs > 1 else {})}
+        atomic_torch_save(merged, it / "slerp.pt")
+        atomic_write_text(it / "merge.json", json.dumps(info))
+        # Alg. 1, line 11: theta_init <- (1 - eta) * theta_init + eta * theta_slerp
+        atomic_torch_save(liti(init, merged, cfg.eta), next_init)
+        if on_event is not None:
+            on_event("merge", info)
+    # Alg. 1, line 12: return theta_slerp_I (and the LITI policy, the start of a next iteration)
+    paths = {"slerp": out / "final_slerp", "liti": out / "final_liti"}
+    last = out / f"iter{cfg.iterations - 1}"
+    for name, state_file in (
+        ("slerp", last / "slerp.pt"),
+        ("liti", out / f"iter{cfg.iterations}" / "init.pt"),
+    ):
+        if not (paths[name] / "config.json").exists():
+            load_state(sft, torch.load(state_file, weights_only=True))
+            save_pretrained_atomic(sft, tokenizer, paths[name], extra={"kind": name, **cfg.to_dict()})
+    return paths
+
+
+def train_reinforce_baseline(cfg: WarpConfig, prompts: list[list[int]]) -> Path:
+    """Plain REINFORCE with the same EMA-anchored reward for I * M * T steps, no merging, for comparison."""
+    out = Path(cfg.out_dir) / "reinforce"
+    total = cfg.iterations * cfg.runs * cfg.steps
+    points = tuple(
+        sorted(
+            {
+                max(1, round(total * (j + 1) / cfg.baseline_checkpoints))
+                for j in range(cfg.baseline_checkpoints)
+            }
+        )
+    )
+    sft, tokenizer = load_policy(cfg.sft)
+    init_path = Path(cfg.out_dir) / "iter0" / "init.pt"
+    if not init_path.exists():
+        atomic_torch_save(state_of(sft), init_path)
+    train_run(cfg, RunSpec(str(out), str(init_path), cfg.seed + 999_999, total, save_points=points), prompts)
+    return out / f"step{total:05d}"
+
+
+def training_prompts(cfg: WarpConfig, tokenizer, split: str = "train") -> list[list[int]]:
+    """Prompts of Alg. 1: the first `prompt_tokens` tokens of each review of `split`."""
+    return cut_prompts(load_reviews(cfg.data, split)["text"], tokenizer, cfg.prompt_tokens)
+
+
+# ======================================================================================================
 # Plots
 # ======================================================================================================
 
@@ -715,9 +1059,11 @@ def plot_curves(ax, history: dict[str, list[float]], keys: Sequence[str], title:
     for k in keys:
         ys = history.get(k, [])
         if smooth > 1 and len(ys) >= smooth:
-            ys = [sum(ys[max(0, i - smooth + 1) : i + 1]) / (i + 1 - max(0, i - smooth + 1)) for i in range(len(ys))]
+            ys = [
+                sum(ys[max(0, i - smooth + 1) : i + 1]) / (i + 1 - max(0, i - smooth + 1))
+                for i in range(len(ys))
+            ]
         ax.plot(range(1, len(ys) + 1), ys, label=k)
     ax.set_title(title)
     ax.legend()
     return ax
-

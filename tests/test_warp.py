@@ -1,0 +1,196 @@
+"""The RL step and Algorithm 1: direction of the update, EMA anchor, resume, parallel runs, merges."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import utils
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Tiny SFT, reward model and review folder on disk, loaded through the real code paths."""
+    d = tmp_path_factory.mktemp("assets")
+    (d / "data").mkdir()
+    with open(d / "data" / "train.jsonl", "w") as f:
+        for i, text in enumerate(tiny.corpus(120)):
+            f.write(json.dumps({"text": text, "label": i % 2}) + "\n")
+    return {
+        "sft": tiny.save_tiny_policy(d / "sft"),
+        "reward_model": tiny.save_tiny_reward(d / "rm"),
+        "data": str(d / "data"),
+    }
+
+
+def make_cfg(assets, out_dir, **kw):
+    base = dict(steps=3, batch_size=8, max_new_tokens=5, prompt_tokens=4, save_every=1, cpu_threads=1)
+    return utils.WarpConfig.for_preset("offline", **assets, out_dir=str(out_dir), **{**base, **kw})
+
+
+def prompts_of(cfg):
+    _, tok = utils.load_policy(cfg.sft)
+    return utils.training_prompts(cfg, tok)
+
+
+def expected_target_prob(policy, prompt_ids, prompt_mask, target, temperature):
+    """E_x[pi(y in target | x)]: the exact expected reward of one-token completions rewarded 1 in `target`."""
+    dummy = torch.zeros(prompt_ids.shape[0], 1, dtype=torch.long)
+    with torch.no_grad():
+        logits = utils.completion_logits(policy, prompt_ids, prompt_mask, dummy, temperature)
+    return logits[:, 0].softmax(-1)[:, target].sum(-1).mean().item()
+
+
+@pytest.mark.parametrize("baseline", ["none", "mean", "rloo"])
+def test_one_rl_step_raises_expected_reward(assets, tmp_path, baseline):
+    """One Adam step on the REINFORCE loss raises the exact expected reward of a constructed reward.
+
+    A flipped sign (reward x NLL), a loss without gradient path or greedy sampling all fail here.
+    """
+    cfg = make_cfg(assets, tmp_path, max_new_tokens=1, batch_size=256, beta=0.1, baseline=baseline, rloo_k=4)
+    policy, tok = utils.load_policy(cfg.sft)
+    policy.eval()
+    anchor = copy.deepcopy(policy).requires_grad_(False)
+    target = torch.arange(0, len(tok), 2)  # reward 1 for even token ids: about half of the mass
+    reward_fn = lambda p, m, completions, mask: (completions[:, 0] % 2 == 0).float()
+    rows = prompts_of(cfg)[:64]
+    rows = [r for r in rows for _ in range(4)]  # 256 rows, 4 per prompt (RLOO groups)
+    prompt_ids, prompt_mask = utils.left_pad(rows, tok.pad_token_id)
+    before = expected_target_prob(policy, prompt_ids, prompt_mask, target, cfg.temperature)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    loss, stats = utils.policy_loss(policy, anchor, reward_fn, prompt_ids, prompt_mask, cfg, tok.eos_token_id)
+    loss.backward()
+    opt.step()
+    after = expected_target_prob(policy, prompt_ids, prompt_mask, target, cfg.temperature)
+    assert stats["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == anchor before the step
+    assert after > before + 0.005, (before, after)
+    for _ in range(2):  # and it keeps rising
+        opt.zero_grad()
+        utils.policy_loss(policy, anchor, reward_fn, prompt_ids, prompt_mask, cfg, tok.eos_token_id)[
+            0
+        ].backward()
+        opt.step()
+    assert expected_target_prob(policy, prompt_ids, prompt_mask, target, cfg.temperature) > after + 0.01
+
+
+def test_advantages_baselines():
+    """'none' is r_beta, 'mean' is centred, RLOO subtracts the mean of the other samples of its prompt."""
+    r = torch.tensor([1.0, 3.0, 0.0, 10.0, 2.0, 2.0])
+    assert torch.equal(utils.advantages(r, "none"), r)
+    assert utils.advantages(r, "mean").sum().abs() < 1e-6
+    k = 3
+    expected = torch.tensor(
+        [r[i] - (r[(i // k) * k : (i // k + 1) * k].sum() - r[i]) / (k - 1) for i in range(6)]
+    )
+    assert torch.allclose(utils.advantages(r, "rloo", k), expected)
+
+
+def test_prompt_batches_are_seeded_permutations():
+    """Each epoch covers every prompt once; the same seed repeats the order, another seed changes it."""
+    take = lambda seed, n: [
+        i for _, b in zip(range(n), utils.prompt_batches(12, 4, seed), strict=False) for i in b
+    ]
+    assert sorted(take(0, 3)) == list(range(12))
+    assert take(0, 6) == take(0, 6)
+    assert take(0, 3) != take(1, 3)
+
+
+def test_anchor_moves_by_exactly_mu_of_the_gap(assets, tmp_path):
+    """After a step, anchor = (1 - mu) * init + mu * policy (an anchor never updated fails)."""
+    cfg = make_cfg(assets, tmp_path / "out", steps=2, mu=0.3)
+    prompts = prompts_of(cfg)
+    policy, _ = utils.load_policy(cfg.sft)
+    init = utils.state_of(policy)
+    utils.atomic_torch_save(init, tmp_path / "init.pt")
+    spec = utils.RunSpec(str(tmp_path / "run"), str(tmp_path / "init.pt"), seed=0, steps=2)
+
+    def stop(step, metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        utils.train_run(cfg, spec, prompts, on_step=stop)
+    ckpt = torch.load(tmp_path / "run" / "progress.pt", weights_only=False)
+    assert ckpt["step"] == 1
+    moved = 0
+    for k in init:
+        expected = (1 - cfg.mu) * init[k] + cfg.mu * ckpt["policy"][k]
+        assert torch.allclose(ckpt["anchor"][k], expected, atol=1e-6), k
+        moved += not torch.equal(ckpt["anchor"][k], init[k])
+    assert moved > 0
+
+
+def run_weights(cfg, prompts, run_dir, init_path, seed=0, stop_at=None):
+    spec = utils.RunSpec(str(run_dir), str(init_path), seed=seed, steps=cfg.steps)
+
+    def stop(step, metrics):
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    if stop_at is not None:
+        with pytest.raises(KeyboardInterrupt):
+            utils.train_run(cfg, spec, prompts, on_step=stop)
+        assert not utils.run_finished(run_dir)
+    return torch.load(utils.train_run(cfg, spec, prompts), weights_only=True)
+
+
+def test_interrupted_run_resumes_bitwise(assets, tmp_path):
+    """A run stopped after step 2 and started again ends with exactly the weights of an uninterrupted run."""
+    cfg = make_cfg(assets, tmp_path / "out", steps=4, grad_accum=2)
+    prompts = prompts_of(cfg)
+    policy, _ = utils.load_policy(cfg.sft)
+    utils.atomic_torch_save(utils.state_of(policy), tmp_path / "init.pt")
+    whole = run_weights(cfg, prompts, tmp_path / "whole", tmp_path / "init.pt")
+    resumed = run_weights(cfg, prompts, tmp_path / "resumed", tmp_path / "init.pt", stop_at=2)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert any(not torch.equal(whole[k], utils.state_of(policy)[k]) for k in whole)  # training did move
+    other_seed = run_weights(cfg, prompts, tmp_path / "seed1", tmp_path / "init.pt", seed=1)
+    assert any(not torch.equal(whole[k], other_seed[k]) for k in whole)
+
+
+def test_parallel_runs_equal_sequential(assets, tmp_path):
+    """The M runs of an iteration give the same weights in 2 processes as one after another."""
+    cfg = make_cfg(assets, tmp_path / "out", steps=2)
+    prompts = prompts_of(cfg)
+    policy, _ = utils.load_policy(cfg.sft)
+    utils.atomic_torch_save(utils.state_of(policy), tmp_path / "init.pt")
+    specs = lambda root: [
+        utils.RunSpec(str(root / f"run{m}"), str(tmp_path / "init.pt"), m, 2) for m in range(2)
+    ]
+    utils.train_runs(cfg, specs(tmp_path / "seq"), prompts, processes=1)
+    utils.train_runs(cfg, specs(tmp_path / "par"), prompts, processes=2)
+    for m in range(2):
+        a = torch.load(tmp_path / "seq" / f"run{m}" / "final.pt", weights_only=True)
+        b = torch.load(tmp_path / "par" / f"run{m}" / "final.pt", weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_warp_outer_loop_slerp_then_liti(assets, tmp_path):
+    """Alg. 1 lines 10-12: each iteration's init is LITI(init, SLERP(runs), eta); finals are loadable."""
+    cfg = make_cfg(assets, tmp_path / "out", steps=2, iterations=2, runs=2, eta=0.3)
+    prompts = prompts_of(cfg)
+    paths = utils.warp(cfg, prompts)
+    out = tmp_path / "out"
+    for i in range(2):
+        init = torch.load(out / f"iter{i}" / "init.pt", weights_only=True)
+        runs = [torch.load(out / f"iter{i}" / f"run{m}" / "final.pt", weights_only=True) for m in range(2)]
+        merged = utils.slerp(init, runs)
+        nxt = torch.load(out / f"iter{i + 1}" / "init.pt", weights_only=True)
+        for k in init:
+            assert torch.equal(
+                nxt[k], (init[k] + cfg.eta * (merged[k] - init[k])).to(init[k].dtype)
+            ) or torch.allclose(nxt[k], 0.7 * init[k] + 0.3 * merged[k], atol=1e-6)
+        angles = json.loads((out / f"iter{i}" / "merge.json").read_text())
+        assert 0 < angles["angle/mean"] < 180
+    slerp_model, _ = utils.load_policy(str(paths["slerp"]))
+    last = torch.load(out / "iter1" / "slerp.pt", weights_only=True)
+    assert all(torch.equal(utils.state_of(slerp_model)[k], last[k]) for k in last)
+    liti_model, _ = utils.load_policy(str(paths["liti"]))
+    final_init = torch.load(out / "iter2" / "init.pt", weights_only=True)
+    assert all(torch.equal(utils.state_of(liti_model)[k], final_init[k]) for k in final_init)
+    # a second call finds everything done and changes nothing
+    before = (out / "iter1" / "slerp.pt").stat().st_mtime_ns
+    utils.warp(cfg, prompts)
+    assert (out / "iter1" / "slerp.pt").stat().st_mtime_ns == before
