@@ -1,0 +1,109 @@
+"""Evaluation against the truth: KL of a model with itself, and KL on enumerable completions."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+import utils
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny SFT and a policy made different from it (noised weights: peaked, different distributions)."""
+    d = tmp_path_factory.mktemp("eval")
+    sft, tok = utils.load_policy(tiny.save_tiny_policy(d / "sft"))
+    policy, _ = utils.load_policy(str(d / "sft"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return policy.eval(), sft.eval(), tok
+
+
+def zero_reward(prompt_ids, prompt_mask, completions, mask):
+    return torch.zeros(completions.shape[0])
+
+
+def exact_two_token_kl(policy, sft, prompt: list[int], eos: int, temperature: float) -> float:
+    """KL(pi || sft) over all completions of at most 2 tokens (stopping at EOS), by enumeration,
+    from plain unpadded forward passes (independent of the code under test)."""
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        lp1 = (policy(x).logits[0, -1] / temperature).log_softmax(-1)  # (V,)
+        lq1 = (sft(x).logits[0, -1] / temperature).log_softmax(-1)
+        vocab = lp1.shape[0]
+        both = torch.cat([x.repeat(vocab, 1), torch.arange(vocab)[:, None]], dim=1)  # every first token
+        lp2 = (policy(both).logits[:, -1] / temperature).log_softmax(-1)  # (V, V)
+        lq2 = (sft(both).logits[:, -1] / temperature).log_softmax(-1)
+    p1 = lp1.exp()
+    kl_second = (lp2.exp() * (lp2 - lq2)).sum(-1)  # KL of the second token given each first token
+    kl_second[eos] = 0.0  # the sequence ends at EOS
+    return ((p1 * (lp1 - lq1)).sum() + (p1 * kl_second).sum()).item()
+
+
+def test_kl_of_a_model_with_itself_is_zero(models):
+    """Both estimators give exactly 0 when the policy is the SFT."""
+    _, sft, tok = models
+    rows = [[5, 6, 7], [8, 9]]
+    torch.manual_seed(0)
+    df = utils.sample_and_score(
+        sft, sft, tok, zero_reward, rows, samples_per_prompt=4, max_new_tokens=5, temperature=0.9
+    )
+    assert (df["kl"].abs() < 1e-5).all() and (df["kl_k1"].abs() < 1e-5).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_kl_estimates_match_enumeration(models, temperature):
+    """On completions of <= 2 tokens, the mean KL estimate per prompt matches the enumerated exact KL
+    within its 95% confidence interval (x1.5 slack), for both estimators and padded prompts."""
+    policy, sft, tok = models
+    rows = [[5, 6, 7, 8], [9, 10]]  # different lengths: the shorter one is left-padded
+    torch.manual_seed(1)
+    df = utils.sample_and_score(
+        policy, sft, tok, zero_reward, rows, samples_per_prompt=300, max_new_tokens=2,
+        temperature=temperature, batch_size=100,
+    )  # fmt: skip
+    for p, prompt in enumerate(rows):
+        exact = exact_two_token_kl(policy, sft, prompt, tok.eos_token_id, temperature)
+        assert exact > 0.05  # the two models really differ
+        for col in ("kl", "kl_k1"):
+            mean, ci = utils.mean_ci(df[df.prompt == p][col].tolist())
+            assert abs(mean - exact) <= 1.5 * ci + 1e-4, (p, col, mean, ci, exact)
+        # the exact-per-position estimator has lower variance than k1
+        assert df[df.prompt == p]["kl"].std() < df[df.prompt == p]["kl_k1"].std()
+
+
+def test_summarise_splits_and_diversity():
+    """summarise averages per prompt first, splits by prompt sentiment and counts distinct n-grams."""
+    df = pd.DataFrame(
+        dict(
+            prompt=[0, 0, 1, 1], sample=[0, 1, 0, 1], text=["x"] * 4,
+            completion=["a b", "a b", "c d", "e f"], score=[1.0, 3.0, -1.0, -1.0],
+            kl=[0.5, 0.5, 1.0, 1.0], kl_k1=[0.4, 0.6, 1.2, 0.8], length=[2, 2, 2, 2],
+        )
+    )  # fmt: skip
+    s = utils.summarise(df, labels=[1, 0])
+    assert s["score"] == pytest.approx(0.5)  # mean of the per-prompt means 2 and -1
+    assert s["score/positive"] == pytest.approx(2.0) and s["score/negative"] == pytest.approx(-1.0)
+    assert s["score_ci95"] == pytest.approx(1.96 * math.sqrt(4.5) / math.sqrt(2))
+    assert s["distinct-1"] == pytest.approx(6 / 8) and s["distinct-2"] == pytest.approx(3 / 4)
+
+
+def test_eval_prompts_are_balanced_and_cut_by_tokens(tmp_path):
+    """Test prompts come from the test split, half positive and half negative, each exactly N tokens."""
+    import json
+
+    (tmp_path / "data").mkdir()
+    with open(tmp_path / "data" / "test.jsonl", "w") as f:
+        for i, text in enumerate(tiny.corpus(40)):
+            f.write(json.dumps({"text": text, "label": i % 2}) + "\n")
+    _, tok = utils.load_policy(tiny.save_tiny_policy(tmp_path / "sft"))
+    rows, labels, texts = utils.eval_prompts(str(tmp_path / "data"), tok, 10, 3)
+    assert len(rows) == 10 and sum(labels) == 5
+    assert all(len(r) == 3 for r in rows)
+    assert all(
+        tok(t, add_special_tokens=False)["input_ids"][:3] == r for r, t in zip(rows, texts, strict=True)
+    )
