@@ -224,6 +224,42 @@ class WarpConfig(ConfigBase):
         self._require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0")
 
 
+@dataclass
+class EvalConfig(ConfigBase):
+    """Settings of the evaluation shared by 03 and 04 (same prompts, samples and estimators for all)."""
+
+    preset: str = "imdb"
+    """`imdb` or `offline`."""
+    n_prompts: int = 100
+    """Held-out test prompts, half from positive and half from negative reviews (seed: 100)."""
+    prompt_tokens: int = 17
+    """Prompt length in policy tokens (seed: 17)."""
+    samples_per_prompt: int = 4
+    """Completions sampled per prompt; KL and reward are averaged per prompt before the CI."""
+    max_new_tokens: int = 53
+    """Completion length cap (as in training)."""
+    temperature: float = 0.9
+    """Sampling temperature; KL(pi || pi_sft) is measured between the two at this temperature."""
+    batch_size: int = 64
+    """Sequences per generation batch."""
+    etas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    """Points (1 - eta) * theta_sft + eta * theta_slerp of the Pareto front."""
+    seed: int = 0
+    """Chooses the prompts and seeds the sampling of every model identically."""
+
+    PRESET_DEFAULTS = {
+        "imdb": {},
+        "offline": dict(n_prompts=64, prompt_tokens=8, samples_per_prompt=2, max_new_tokens=32),
+    }
+
+    def __post_init__(self):
+        self._require(self.preset in PRESETS, "preset", f"one of {PRESETS}")
+        self._require_positive("n_prompts", "prompt_tokens", "samples_per_prompt", "max_new_tokens")
+        self._require_positive("temperature", "batch_size")
+        self.etas = tuple(self.etas)
+        self._require(all(0 <= e <= 1 for e in self.etas) and len(self.etas) > 0, "etas", "values in [0, 1]")
+
+
 # ======================================================================================================
 # Data
 # ======================================================================================================
@@ -1177,6 +1213,17 @@ def summarise(samples, labels: Sequence[int]) -> dict[str, float]:
     out["distinct-2"] = distinct_n(df["completion"].tolist(), 2)
     out["length"] = float(df["length"].mean())
     return out
+
+
+def evaluate(model, sft, tokenizer, reward_fn, rows, labels, cfg: EvalConfig):
+    """Sample `cfg.samples_per_prompt` completions per prompt from `model` with a fixed seed; return
+    (headline dict from `summarise`, per-sample DataFrame). Same seed for every model compared."""
+    torch.manual_seed(cfg.seed)
+    samples = sample_and_score(
+        model, sft, tokenizer, reward_fn, rows, samples_per_prompt=cfg.samples_per_prompt,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size,
+    )  # fmt: skip
+    return summarise(samples, labels), samples
 
 
 def interpolate_policy(model: nn.Module, sft_state: dict[str, Tensor], target: dict[str, Tensor], eta: float):
