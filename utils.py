@@ -287,6 +287,8 @@ def load_reviews(source: str, split: str):
         ds = load_dataset(_DATA_SUFFIXES[Path(files[split]).suffix], data_files={split: files[split]})[split]
     elif path.is_file():
         ds = load_dataset(_DATA_SUFFIXES[path.suffix], data_files={split: str(path)})[split]
+    elif source.startswith((".", "/", "~")) or path.suffix in _DATA_SUFFIXES:
+        raise FileNotFoundError(f"data={source!r}: no such local file or folder")
     else:
         ds = load_dataset(source, split=split)
     missing = {"text", "label"} - set(ds.column_names)
@@ -301,7 +303,7 @@ _DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": 
 def cut_prompts(texts: Sequence[str], tokenizer, n_tokens: int) -> list[list[int]]:
     """First `n_tokens` tokens of each text (by tokens, not characters); shorter texts are dropped."""
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    return [row[:n_tokens] for row in ids if len(row) > n_tokens]
+    return [row[:n_tokens] for row in ids if len(row) >= n_tokens]
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -387,7 +389,9 @@ def sample_completions(
     The mask keeps tokens up to and including the first EOS: `generate` pads finished rows, and those
     pad tokens were never sampled, so they must not count in log-probs, KL or the loss.
     """
-    gen = sampling_config(max_new_tokens, temperature, eos_token_id, pad_token_id or eos_token_id)
+    gen = sampling_config(
+        max_new_tokens, temperature, eos_token_id, eos_token_id if pad_token_id is None else pad_token_id
+    )
     was_training, saved = policy.training, policy.generation_config
     # generate() fills unset fields from the model's own generation_config (a checkpoint may carry
     # top_k, repetition_penalty or min_new_tokens): swap it out so only pure sampling remains
@@ -453,7 +457,7 @@ def entropy(logits: Tensor) -> Tensor:
 
 def decode_texts(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, completions: Tensor, mask: Tensor):
     """Review texts x + y: the real prompt tokens then the completion without its EOS and padding."""
-    keep = torch.cat([prompt_mask.bool(), mask & (completions != tokenizer.eos_token_id)], dim=1)
+    keep = torch.cat([prompt_mask.bool(), mask.bool() & (completions != tokenizer.eos_token_id)], dim=1)
     ids = torch.cat([prompt_ids, completions], dim=1)
     return [tokenizer.decode(row[k].tolist()) for row, k in zip(ids, keep, strict=True)]
 
@@ -536,6 +540,16 @@ def ema_update(anchor: nn.Module, policy: nn.Module, mu: float) -> None:
         a.lerp_(p.to(a.dtype), mu)
 
 
+def _refuse_lora_factors(state: dict[str, Tensor]) -> None:
+    """Merging LoRA's A and B factors separately is not merging their product B @ A: refuse."""
+    lora = [k for k in state if ".lora_A." in k or ".lora_B." in k]
+    if lora:
+        raise ValueError(
+            f"got LoRA factors (e.g. {lora[0]}): merging A and B separately is wrong; "
+            "merge_and_unload() the adapters and merge the full weights"
+        )
+
+
 def _unique_keys(init: dict[str, Tensor]) -> list[str]:
     """Keys of `init` with tied tensors (same storage) listed once."""
     seen, keys = set(), []
@@ -580,6 +594,7 @@ def slerp(init: dict[str, Tensor], policies: list[dict[str, Tensor]]) -> dict[st
     """
     if not policies:
         raise ValueError("slerp needs at least one policy")
+    _refuse_lora_factors(init)
     for i, pol in enumerate(policies):
         if set(pol) != set(init):
             raise KeyError(f"policy {i} has other keys than init")
@@ -618,6 +633,7 @@ def task_vector_angles(init: dict[str, Tensor], policies: list[dict[str, Tensor]
     """
     if len(policies) < 2:
         raise ValueError("angles need at least two policies")
+    _refuse_lora_factors(init)
     out = {}
     for key in _unique_keys(init):
         if not init[key].is_floating_point():
@@ -703,11 +719,17 @@ def save_pretrained_atomic(model: nn.Module, tokenizer, path: str | Path, extra:
 
 
 def hf_token() -> str | None:
-    """A Hub token from a Kaggle secret `HF_TOKEN`, else the HF_TOKEN environment variable, else None."""
+    """A Hub token from a Kaggle or Colab secret `HF_TOKEN`, else the HF_TOKEN environment variable."""
     try:
         from kaggle_secrets import UserSecretsClient  # only exists on Kaggle
 
         return UserSecretsClient().get_secret("HF_TOKEN")
+    except Exception:
+        pass
+    try:
+        from google.colab import userdata  # only exists on Colab
+
+        return userdata.get("HF_TOKEN")
     except Exception:
         return os.environ.get("HF_TOKEN") or None
 
@@ -719,7 +741,7 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None, path_in_rep
     if not token:
         return (
             f"saved locally in {folder}; no HF_TOKEN found. To push later: "
-            f"huggingface-cli upload {repo_id} {folder} {path_in_repo or '.'}"
+            f"hf upload {repo_id} {folder} {path_in_repo or '.'}"
         )
     from huggingface_hub import HfApi
 
@@ -1115,7 +1137,7 @@ def eval_prompts(data: str, tokenizer, n_prompts: int, prompt_tokens: int, seed:
         if per_label.get(label, 0) == 0:
             continue
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > prompt_tokens:
+        if len(ids) >= prompt_tokens:
             rows.append(ids[:prompt_tokens])
             labels.append(label)
             texts.append(text)

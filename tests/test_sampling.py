@@ -1,0 +1,237 @@
+"""Properties of sampling and log-probs: pure temperature sampling, masks, padding, the chain rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import utils
+
+TEMPERATURE = 0.8
+
+
+def peaked_gpt2(make_gpt2, seed: int = 3, scale: float = 0.3):
+    """An untied tiny GPT-2 whose output layer is large enough for a far-from-uniform next-token law."""
+    model = make_gpt2(seed=seed, tie=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(scale * torch.randn(model.lm_head.weight.shape, generator=g))
+    return model
+
+
+@torch.no_grad()
+def next_token_probs(model, prompt: list[int], temperature: float) -> torch.Tensor:
+    """(V,) float64 softmax(logits / T) of the token after an unpadded prompt."""
+    logits = model(torch.tensor([prompt])).logits[0, -1].double()
+    return torch.softmax(logits / temperature, -1)
+
+
+def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
+    return 0.5 * float((p - q).abs().sum())
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sampling
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_sampling_config_is_pure_temperature_sampling():
+    """sampling_config asks for ancestral sampling at T with no top-k, top-p, penalty or minimum length."""
+    gen = utils.sampling_config(7, 0.9, eos_token_id=1, pad_token_id=1)
+    assert gen.do_sample is True and gen.temperature == 0.9 and gen.max_new_tokens == 7
+    assert gen.top_k in (0, None) and gen.top_p in (1.0, None)
+    assert gen.repetition_penalty in (1.0, None) and gen.min_new_tokens in (0, None)
+    assert gen.num_beams in (1, None)
+
+
+def test_sample_completions_draws_from_the_plain_temperature_softmax(make_gpt2):
+    """One-token samples follow softmax(logits / T) over the whole vocabulary, whatever the model's own
+    generation_config says (greedy, top_k, top_p, repetition_penalty, min_new_tokens, another T)."""
+    model = peaked_gpt2(make_gpt2)
+    prompt = [3, 7, 9, 11, 7]
+    p = next_token_probs(model, prompt, TEMPERATURE)
+    eos = int(p.argmax())  # the likeliest token is EOS: min_new_tokens would suppress it
+    gc = model.generation_config
+    gc.do_sample, gc.top_k, gc.top_p, gc.temperature = False, 5, 0.5, 3.0
+    gc.repetition_penalty, gc.min_new_tokens, gc.eos_token_id = 5.0, 2, eos
+    saved = gc
+
+    n = 8000
+    ids = torch.tensor([prompt] * n)
+    torch.manual_seed(0)
+    comps, mask = utils.sample_completions(
+        model, ids, torch.ones_like(ids), max_new_tokens=1, temperature=TEMPERATURE, eos_token_id=eos
+    )
+    assert comps.shape == (n, 1) and mask.all()
+    freq = torch.bincount(comps[:, 0], minlength=p.numel()).double() / n
+
+    # sampling noise: E[TV] ~ 0.5 sum sqrt(2 p (1 - p) / (pi n)); allow three times that
+    noise = 0.5 * float(torch.sqrt(2 * p * (1 - p) / (math.pi * n)).sum())
+    assert total_variation(freq, p) < 3 * noise
+    # tokens outside the top 5 are drawn, as often as their mass says
+    outside = p.argsort(descending=True)[5:]
+    assert freq[outside].sum().item() == pytest.approx(p[outside].sum().item(), abs=0.03)
+    assert (freq[outside] > 0).sum() >= 5
+    # power check: each distortion would move the law far beyond the noise allowance
+    topk = torch.where(p >= p.sort(descending=True).values[4], p, 0.0)
+    no_eos = p.clone()
+    no_eos[eos] = 0
+    untempered = next_token_probs(model, prompt, 1.0)
+    for distorted in (topk / topk.sum(), no_eos / no_eos.sum(), untempered):
+        assert total_variation(distorted, p) > 6 * noise
+    # the model's own generation_config and mode are restored afterwards
+    assert model.generation_config is saved and model.generation_config.top_k == 5
+    assert not model.training
+
+
+def test_left_padded_prompts_sample_from_their_unpadded_distribution(make_gpt2):
+    """A short prompt left-padded beside a long one is sampled from its own unpadded next-token law."""
+    model = peaked_gpt2(make_gpt2, seed=9)
+    short, long = [12, 4, 30], [5, 6, 7, 8, 9, 10, 11, 13]
+    p = next_token_probs(model, short, TEMPERATURE)
+    n = 3000
+    ids, pmask = utils.left_pad([short, long] * n, pad_id=EOS)
+    torch.manual_seed(2)
+    comps, _ = utils.sample_completions(
+        model, ids, pmask, max_new_tokens=1, temperature=TEMPERATURE, eos_token_id=EOS
+    )
+    freq = torch.bincount(comps[0::2, 0], minlength=p.numel()).double() / n
+    noise = 0.5 * float(torch.sqrt(2 * p * (1 - p) / (math.pi * n)).sum())
+    assert total_variation(freq, p) < 3 * noise
+    # power check: positions counted from the padding (not the first real token) give another law
+    with torch.no_grad():
+        shifted_ids = torch.arange(ids.shape[1]).unsqueeze(0)
+        shifted = model(ids[:1], attention_mask=pmask[:1], position_ids=shifted_ids).logits[0, -1].double()
+    assert total_variation(torch.softmax(shifted / TEMPERATURE, -1), p) > 6 * noise
+
+
+def test_sample_completions_restores_training_mode_and_masks_after_eos(make_gpt2):
+    """A policy in train mode stays in train mode; the mask keeps tokens up to the first EOS only."""
+    model = peaked_gpt2(make_gpt2, seed=4)
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    ids, pmask = utils.left_pad(prompts, pad_id=1)
+    eos = int(next_token_probs(model, prompts[0], 1.0).argsort(descending=True)[1])  # frequent EOS
+    model.train()
+    torch.manual_seed(1)
+    comps, mask = utils.sample_completions(
+        model, ids.repeat(20, 1), pmask.repeat(20, 1), max_new_tokens=6, temperature=1.0, eos_token_id=eos
+    )
+    assert model.training
+    assert comps.shape[0] == 60 and comps.shape[1] <= 6 and mask.dtype == torch.bool
+    assert torch.equal(mask, utils.completion_mask(comps, eos))
+    hit = (comps == eos).any(1)
+    assert 0 < hit.sum() < 60  # some rows end early, some run to the cap
+    for row, m in zip(comps, mask, strict=True):
+        k = int(m.sum())
+        if (row == eos).any():
+            first = int((row == eos).nonzero()[0])
+            assert k == first + 1 and (row[first:] == eos).all()  # generate pads finished rows with EOS
+        else:
+            assert k == comps.shape[1]
+
+
+def test_completion_mask_up_to_and_including_first_eos():
+    """completion_mask is True up to and including the first EOS and False after it."""
+    eos = 2
+    comps = torch.tensor([[5, eos, 7, eos], [eos, 4, 4, 4], [3, 4, 5, 6], [3, 4, 5, eos]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(utils.completion_mask(comps, eos), expected)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Log-probs
+# ------------------------------------------------------------------------------------------------------
+
+EOS = 1
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+# completions as generate returns them (EOS, then padding = EOS), plus one with junk after its EOS
+COMPLETIONS = torch.tensor([[20, 21, EOS, EOS, EOS], [22, 23, 24, 25, 26], [EOS, 30, 31, 32, 33]])
+
+
+@torch.no_grad()
+def loop_logprob(model, prompt: list[int], completion: list[int], temperature: float) -> float:
+    """log pi(y | x) by the chain rule: one unpadded forward pass per token, up to the first EOS."""
+    total = 0.0
+    for t, tok in enumerate(completion):
+        logits = model(torch.tensor([prompt + completion[:t]])).logits[0, -1].double()
+        total += float(torch.log_softmax(logits / temperature, -1)[tok])
+        if tok == EOS:
+            break
+    return total
+
+
+def batch_logprob(model, temperature: float) -> torch.Tensor:
+    ids, pmask = utils.left_pad(PROMPTS, pad_id=EOS)
+    logits = utils.completion_logits(model, ids, pmask, COMPLETIONS, temperature)
+    mask = utils.completion_mask(COMPLETIONS, EOS)
+    return utils.masked_sum(utils.token_logprobs(logits, COMPLETIONS), mask)
+
+
+def test_sequence_logprob_is_the_chain_rule_at_the_same_temperature(make_gpt2):
+    """Masked sum of token log-probs = log pi(y|x) by a per-step loop; prompt tokens and post-EOS excluded."""
+    model = make_gpt2(seed=5)
+    got = batch_logprob(model, TEMPERATURE)
+    assert got.shape == (len(PROMPTS),) and got.dtype == torch.float32
+    for i, prompt in enumerate(PROMPTS):
+        expected = loop_logprob(model, prompt, COMPLETIONS[i].tolist(), TEMPERATURE)
+        assert got[i].item() == pytest.approx(expected, abs=1e-4)
+    # another temperature is another distribution: the numbers must move
+    other = batch_logprob(model, 1.0)
+    assert (other - got).abs().min() > 1e-3
+
+
+def test_completion_logits_shape_and_alignment(make_gpt2):
+    """completion_logits returns (B, L, V) at temperature T: row t predicts completion token t."""
+    model = make_gpt2(seed=6)
+    prompt, comp = [4, 5, 6], torch.tensor([[7, 8, 9]])
+    logits = utils.completion_logits(
+        model, torch.tensor([prompt]), torch.ones(1, 3, dtype=torch.long), comp, 0.5
+    )
+    assert logits.shape == (1, 3, model.config.vocab_size) and logits.dtype == torch.float32
+    with torch.no_grad():
+        full = model(torch.tensor([prompt + [7, 8, 9]])).logits[0]  # (P+L, V)
+    torch.testing.assert_close(logits[0], full[2:5] / 0.5, rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_batch_gives_the_numbers_of_each_row_alone(make_gpt2):
+    """Logits and token log-probs of a left-padded batch equal those of each row run alone, unpadded."""
+    model = make_gpt2(seed=7)
+    ids, pmask = utils.left_pad(PROMPTS, pad_id=EOS)
+    batch = utils.completion_logits(model, ids, pmask, COMPLETIONS, TEMPERATURE)
+    batch_lp = utils.token_logprobs(batch, COMPLETIONS)
+    for i, prompt in enumerate(PROMPTS):
+        alone_ids = torch.tensor([prompt])
+        alone = utils.completion_logits(
+            model, alone_ids, torch.ones_like(alone_ids), COMPLETIONS[i : i + 1], TEMPERATURE
+        )
+        torch.testing.assert_close(batch[i], alone[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            batch_lp[i], utils.token_logprobs(alone, COMPLETIONS[i : i + 1])[0], atol=1e-5, rtol=0
+        )
+
+
+def test_token_logprobs_are_gathered_log_softmax():
+    """token_logprobs picks log softmax(logits)[token] at each position; they exponentiate to <= 1."""
+    torch.manual_seed(8)
+    logits = torch.randn(2, 3, 7)
+    tokens = torch.randint(0, 7, (2, 3))
+    lp = utils.token_logprobs(logits, tokens)
+    for b in range(2):
+        for t in range(3):
+            assert lp[b, t].item() == pytest.approx(
+                torch.log_softmax(logits[b, t], -1)[tokens[b, t]].item(), abs=1e-6
+            )
+    assert (lp <= 0).all()
+
+
+def test_masked_sum_mean_and_entropy():
+    """masked_sum/mean ignore masked positions; entropy is log V for uniform logits and ~0 for one-hot."""
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, -50.0, -50.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    assert utils.masked_sum(x, mask).tolist() == [3.0, 3.0]
+    assert utils.masked_mean(x, mask).item() == pytest.approx(2.0)
+    assert utils.masked_mean(x, torch.zeros_like(mask)).item() == 0.0  # no NaN on an empty mask
+    ent = utils.entropy(torch.stack([torch.zeros(5), torch.tensor([100.0, 0, 0, 0, 0])]))
+    assert ent[0].item() == pytest.approx(math.log(5)) and ent[1].item() == pytest.approx(0.0, abs=1e-6)
