@@ -76,3 +76,30 @@ def save_tiny_reward(path: str | Path, seed: int = 0, arch: str = "bert") -> str
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+POSITIVE_WORDS = "great good wonderful superb fun loved".split()
+NEGATIVE_WORDS = "awful bad boring terrible dull hated".split()
+
+
+def save_tiny_reviews(path: str | Path, n_train: int = 64, n_test: int = 32, seed: int = 0) -> str:
+    """A folder in IMDb's format (train.jsonl, test.jsonl with `text`, `label`; 1 = positive), words from
+    WORDS only, half positive; some reviews carry IMDb's `<br /><br />` line breaks."""
+    import json
+
+    g = torch.Generator().manual_seed(seed)
+    neutral = [w for w in WORDS if w not in POSITIVE_WORDS + NEGATIVE_WORDS]
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        with open(path / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                label = i % 2
+                polar = POSITIVE_WORDS if label else NEGATIVE_WORDS
+                words = []
+                for _ in range(10):  # about 4 in 10 words carry the review's sentiment
+                    pool = polar if torch.rand((), generator=g) < 0.4 else neutral
+                    words.append(pool[int(torch.randint(len(pool), (), generator=g))])
+                text = " ".join(words[:5]) + (" <br /><br /> " if i % 3 == 0 else " ") + " ".join(words[5:])
+                f.write(json.dumps({"text": text, "label": label}) + "\n")
+    return str(path)

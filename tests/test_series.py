@@ -1,0 +1,83 @@
+"""The whole series on the offline preset, end to end through papermill: 01 -> 02 -> 03 -> 04.
+
+02 runs with its offline defaults, so the assertion that WARP beats the SFT is about the real thing;
+03 and 04 run with small settings (their full runs are measured by run_series.py, see README).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from tests.notebook import run_notebook
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    """Checkpoints of 01 and 02 on the offline preset, with their wall times."""
+    work = tmp_path_factory.mktemp("series")
+    ck = work / "checkpoints"
+    times = {}
+    _, times["01"] = run_notebook("01_reward_model", work, PRESET="offline", CHECKPOINTS=str(ck))
+    _, times["02"] = run_notebook("02_warp_training", work, PRESET="offline", CHECKPOINTS=str(ck))
+    return work, ck, times
+
+
+def test_warp_beats_sft_on_heldout_prompts(series):
+    """After 01 and 02, the WARP policy's mean held-out reward beats the SFT's by a clear margin (at least
+    0.5 and beyond the 95% interval of the difference), with KL to the SFT > 0; the SFT's own KL is 0."""
+    _, ck, times = series
+    summary = json.loads((ck / "warp" / "summary.json").read_text())
+    held = summary["heldout"]
+    sft, warp = held["SFT"], held["WARP (slerp)"]
+    print(
+        f"times {times}; held-out: "
+        + "; ".join(f"{k}: score {v['score']:.2f} kl {v['kl']:.2f}" for k, v in held.items())
+    )
+    assert sft["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert warp["score"] - sft["score"] > max(0.5, math.hypot(sft["score_ci95"], warp["score_ci95"]))
+    assert warp["kl"] > 0.1
+    assert held["WARP (liti)"]["score"] > sft["score"]
+    assert 0 < summary["angles"][0]["angle/mean"] < 180
+    assert (ck / "warp" / "final_slerp" / "config.json").exists()
+
+
+def test_generation_eval_notebook(series):
+    """03 evaluates every checkpoint 02 wrote, writes its tables, and its front starts at the SFT (eta 0:
+    KL 0) and ends at the SLERP policy (eta 1)."""
+    work, ck, _ = series
+    run_notebook(
+        "03_generation_eval", work, PRESET="offline", CHECKPOINTS=str(ck),
+        OVERRIDES={"n_prompts": 16, "etas": [0.0, 0.5, 1.0]},
+    )  # fmt: skip
+    results = pd.read_csv(ck / "eval" / "results.csv", index_col=0)
+    assert set(results.index) == {"SFT", "WARP (slerp)", "WARP (liti)", "REINFORCE"}
+    pareto = pd.read_csv(ck / "eval" / "pareto.csv")
+    front = pareto[pareto["curve"].str.startswith("WARP")].set_index("eta")
+    assert front.loc[0.0, "kl"] == pytest.approx(0.0, abs=1e-5)
+    assert front.loc[1.0, "kl"] == pytest.approx(results.loc["WARP (slerp)", "kl"], rel=1e-4)
+    assert (pareto["curve"] == "REINFORCE checkpoints").sum() >= 2
+    assert json.loads((ck / "eval" / "headline.json").read_text())["models"]["SFT"]["kl"] == pytest.approx(
+        0, abs=1e-5
+    )
+
+
+def test_mu_sweep_notebook_reuses_training_and_skips_finished(series):
+    """04 trains one WARP per mu with 02's code, writes its CSV, and a restart skips finished values."""
+    work, ck, _ = series
+    params = dict(
+        PRESET="offline", CHECKPOINTS=str(ck), MUS=[0.01, 0.1],
+        OVERRIDES={"steps": 3, "iterations": 1}, EVAL_OVERRIDES={"n_prompts": 8, "samples_per_prompt": 1},
+    )  # fmt: skip
+    run_notebook("04_mu_sweep", work, **params)
+    table = pd.read_csv(ck / "mu_sweep" / "mu_sweep.csv", index_col=0)
+    assert list(table.index) == ["SFT", "mu=0.01", "mu=0.1"]
+    finals = [ck / "mu_sweep" / f"mu={mu}" / "iter0" / "run0" / "final.pt" for mu in (0.01, 0.1)]
+    stamps = [f.stat().st_mtime_ns for f in finals]
+    run_notebook("04_mu_sweep", work, **params)
+    assert [f.stat().st_mtime_ns for f in finals] == stamps  # nothing retrained
