@@ -2,7 +2,7 @@
 
 Pure functions in headed sections, in the order a run uses them:
 config & presets, data, models, sampling & log-probs, rewards, KL, merging (EMA, SLERP, LITI),
-checkpoints & the Hub, the RL step and Algorithm 1, evaluation, plots.
+checkpoints & the Hub, the RL step and Algorithm 1, evaluation.
 
 Nothing here prints, guesses a device or reads a global: notebooks pass what a function needs.
 """
@@ -1046,6 +1046,14 @@ def train_runs(cfg: WarpConfig, specs: list[RunSpec], prompts: list[list[int]], 
             raise RuntimeError(f"parallel run(s) failed: {failed}; finished runs are kept, rerun to resume")
 
 
+def sft_init(cfg: WarpConfig, sft: nn.Module) -> Path:
+    """`out_dir/iter0/init.pt`: theta_sft as the first theta_init (written once, shared with REINFORCE)."""
+    path = Path(cfg.out_dir) / "iter0" / "init.pt"
+    if not path.exists():
+        atomic_torch_save(state_of(sft), path)
+    return path
+
+
 def warp(cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event=None) -> dict[str, Path]:
     """Algorithm 1 of the WARP paper, every step saved so that a restart continues where it stopped.
 
@@ -1054,9 +1062,7 @@ def warp(cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event
     """
     out = Path(cfg.out_dir)
     sft, tokenizer = load_policy(cfg.sft)
-    init_path = out / "iter0" / "init.pt"
-    if not init_path.exists():  # Alg. 1, line 1: theta_init <- theta_sft
-        atomic_torch_save(state_of(sft), init_path)
+    sft_init(cfg, sft)  # Alg. 1, line 1: theta_init <- theta_sft
     for i in range(cfg.iterations):  # Alg. 1, line 2
         it = out / f"iter{i}"
         init_path = it / "init.pt"
@@ -1107,10 +1113,7 @@ def train_reinforce_baseline(cfg: WarpConfig, prompts: list[list[int]]) -> Path:
             }
         )
     )
-    sft, tokenizer = load_policy(cfg.sft)
-    init_path = Path(cfg.out_dir) / "iter0" / "init.pt"
-    if not init_path.exists():
-        atomic_torch_save(state_of(sft), init_path)
+    init_path = sft_init(cfg, load_policy(cfg.sft)[0])
     train_run(cfg, RunSpec(str(out), str(init_path), cfg.seed + 999_999, total, save_points=points), prompts)
     return out / f"step{total:05d}"
 
@@ -1252,23 +1255,3 @@ def interpolate_policy(model: nn.Module, sft_state: dict[str, Tensor], target: d
     """Load (1 - eta) * theta_sft + eta * theta_target into `model` (a point of WARP's Pareto front)."""
     load_state(model, liti(sft_state, target, eta))
     return model
-
-
-# ======================================================================================================
-# Plots
-# ======================================================================================================
-
-
-def plot_curves(ax, history: dict[str, list[float]], keys: Sequence[str], title: str = "", smooth: int = 1):
-    """Line plot of metric histories on `ax` (optionally a trailing moving average)."""
-    for k in keys:
-        ys = history.get(k, [])
-        if smooth > 1 and len(ys) >= smooth:
-            ys = [
-                sum(ys[max(0, i - smooth + 1) : i + 1]) / (i + 1 - max(0, i - smooth + 1))
-                for i in range(len(ys))
-            ]
-        ax.plot(range(1, len(ys) + 1), ys, label=k)
-    ax.set_title(title)
-    ax.legend()
-    return ax
