@@ -2,16 +2,36 @@
 
 python run_series.py --preset offline            # the whole series on 2 CPU cores
 python run_series.py --preset imdb --only 02 03  # some stages, real preset
+python run_series.py --preset offline --figures docs/offline  # also collect the plots and tables for README
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
 
 NOTEBOOKS = ["01_reward_model", "02_warp_training", "03_generation_eval", "04_mu_sweep"]
+# What the notebooks write that README shows: plots and tables, by checkpoint subfolder.
+FIGURES = {
+    "warp": ["training_curves.png", "angles.png"],
+    "eval": ["results.png", "pareto.png", "results.csv", "pareto.csv", "headline.json"],
+    "mu_sweep": ["mu_sweep.png", "mu_sweep.csv", "headline.json"],
+}
+
+
+def collect_figures(checkpoints: Path, dest: Path) -> list[Path]:
+    """Copy the plots and tables the notebooks wrote under `checkpoints` into `dest` (prefixing the stage)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for stage, names in FIGURES.items():
+        for name in names:
+            src = checkpoints / stage / name
+            if src.exists():
+                copied.append(Path(shutil.copy2(src, dest / f"{stage}_{name}")))
+    return copied
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", default="checkpoints", help="root folder the notebooks share")
     parser.add_argument("--out", default="runs", help="where executed notebooks are written")
     parser.add_argument("--only", nargs="*", default=None, help="notebook numbers to run, e.g. 01 02")
+    parser.add_argument("--figures", default=None, help="copy the plots and tables README shows here")
     args = parser.parse_args(argv)
 
     import papermill
@@ -43,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             progress_bar=False,
         )
         print(f"{name}: {time.time() - start:.0f} s", flush=True)
+    if args.figures:
+        copied = collect_figures(Path(args.checkpoints), Path(args.figures))
+        print(f"copied {len(copied)} plots and tables to {args.figures}")
     return 0
 
 

@@ -45,6 +45,7 @@ def test_warp_beats_sft_on_heldout_prompts(series):
     assert held["WARP (liti)"]["score"] > sft["score"]
     assert 0 < summary["angles"][0]["angle/mean"] < 180
     assert (ck / "warp" / "final_slerp" / "config.json").exists()
+    assert (ck / "warp" / "training_curves.png").stat().st_size > 0
 
 
 def test_generation_eval_notebook(series):
@@ -62,6 +63,7 @@ def test_generation_eval_notebook(series):
     assert front.loc[0.0, "kl"] == pytest.approx(0.0, abs=1e-5)
     assert front.loc[1.0, "kl"] == pytest.approx(results.loc["WARP (slerp)", "kl"], rel=1e-4)
     assert (pareto["curve"] == "REINFORCE checkpoints").sum() >= 2
+    assert all((ck / "eval" / f).stat().st_size > 0 for f in ("results.png", "pareto.png"))
     assert json.loads((ck / "eval" / "headline.json").read_text())["models"]["SFT"]["kl"] == pytest.approx(
         0, abs=1e-5
     )
@@ -77,7 +79,21 @@ def test_mu_sweep_notebook_reuses_training_and_skips_finished(series):
     run_notebook("04_mu_sweep", work, **params)
     table = pd.read_csv(ck / "mu_sweep" / "mu_sweep.csv", index_col=0)
     assert list(table.index) == ["SFT", "mu=0.01", "mu=0.1"]
+    assert (ck / "mu_sweep" / "mu_sweep.png").stat().st_size > 0
     finals = [ck / "mu_sweep" / f"mu={mu}" / "iter0" / "run0" / "final.pt" for mu in (0.01, 0.1)]
     stamps = [f.stat().st_mtime_ns for f in finals]
     run_notebook("04_mu_sweep", work, **params)
     assert [f.stat().st_mtime_ns for f in finals] == stamps  # nothing retrained
+
+
+def test_collect_figures_copies_what_readme_shows(tmp_path):
+    """run_series --figures copies each stage's plots and tables with a stage prefix, skipping absent ones."""
+    from run_series import collect_figures
+
+    ck = tmp_path / "ck"
+    (ck / "eval").mkdir(parents=True)
+    (ck / "eval" / "pareto.png").write_bytes(b"png")
+    (ck / "eval" / "unrelated.pt").write_bytes(b"x")
+    copied = collect_figures(ck, tmp_path / "docs")
+    assert [p.name for p in copied] == ["eval_pareto.png"]
+    assert (tmp_path / "docs" / "eval_pareto.png").read_bytes() == b"png"
