@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -106,7 +107,7 @@ class ConfigBase:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(path, to_json(self.to_dict()))
 
     def _require(self, ok: bool, name: str, rule: str) -> None:
         if not ok:
@@ -622,7 +623,10 @@ def liti(init: dict[str, Tensor], merged: dict[str, Tensor], eta: float) -> dict
     out: dict[str, Tensor] = {}
     for key, tied in _tied_groups(init).items():
         a = init[key]
-        value = a.clone() if not a.is_floating_point() else torch.lerp(a.float(), merged[key].float(), eta)
+        if a.is_floating_point():
+            value = torch.lerp(a.float(), merged[key].to(a.device, torch.float32), eta)
+        else:
+            value = a.clone()
         value = value.to(a.dtype)
         for k in tied:
             out[k] = value
@@ -672,7 +676,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         f.write(text)
         tmp = f.name
+    os.chmod(tmp, 0o644)  # tempfile makes it private; results are meant to be read and shared
     os.replace(tmp, path)
+
+
+def to_json(obj, indent: int | None = 2) -> str:
+    """Strict JSON that every parser reads: NaN and infinities become null, numpy/torch scalars numbers."""
+
+    def finite(o):
+        if isinstance(o, dict):
+            return {str(k): finite(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [finite(v) for v in o]
+        if hasattr(o, "item") and not isinstance(o, (str, bytes)):  # numpy / torch scalars
+            o = o.item()
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        return o if isinstance(o, (str, int, float, bool, type(None))) else str(o)
+
+    return json.dumps(finite(obj), indent=indent, allow_nan=False)
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
@@ -1010,7 +1032,7 @@ def train_run(cfg: WarpConfig, spec: RunSpec, prompts: list[list[int]], on_step=
         if on_step is not None:
             on_step(step, metrics)
     bar.close()
-    atomic_write_text(run_dir / "metrics.json", json.dumps(history))
+    atomic_write_text(run_dir / "metrics.json", to_json(history, indent=None))
     atomic_torch_save(state_of(accelerator.unwrap_model(policy)), final)
     progress.unlink(missing_ok=True)
     accelerator.free_memory()
@@ -1049,6 +1071,45 @@ def train_runs(cfg: WarpConfig, specs: list[RunSpec], prompts: list[list[int]], 
             raise RuntimeError(f"parallel run(s) failed: {failed}; finished runs are kept, rerun to resume")
 
 
+# Settings that may change between the sessions of one out_dir: where to push, how to split the work,
+# how often to save. Any other change would mix results of different settings in one folder.
+RESUMABLE_WITH_CHANGES = (
+    "out_dir", "hub_repo", "parallel", "save_every", "cpu_threads", "reward_batch_size",
+    "train_reinforce_baseline", "baseline_checkpoints",
+)  # fmt: skip
+
+
+def claim_out_dir(cfg: WarpConfig) -> Path:
+    """Record `cfg` in `out_dir/config.json`, first checking that results already there used the same
+    settings (else a restart would silently continue old runs under new settings)."""
+    path = Path(cfg.out_dir) / "config.json"
+    if path.exists():
+        saved, now = json.loads(path.read_text()), json.loads(to_json(cfg.to_dict()))
+        changed = [k for k in now if k not in RESUMABLE_WITH_CHANGES and saved.get(k) != now[k]]
+        if changed:
+            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+            raise ValueError(
+                f"{cfg.out_dir} holds results trained with other settings ({diff}); "
+                "choose another out_dir (or CHECKPOINTS), or delete the folder to start over"
+            )
+    cfg.save(path)
+    return path
+
+
+def _record_minutes(out_dir: str | Path, key: str, start: float) -> None:
+    """Add this session's wall time since `start` to `out_dir/timing.json` (a resumed stage sums them)."""
+    path = Path(out_dir) / "timing.json"
+    timing = json.loads(path.read_text()) if path.exists() else {}
+    timing[key] = timing.get(key, 0.0) + (time.time() - start) / 60
+    atomic_write_text(path, to_json(timing))
+
+
+def stage_minutes(out_dir: str | Path) -> dict[str, float]:
+    """Wall minutes each stage trained in `out_dir` (`warp`, `reinforce`), over all sessions that worked."""
+    path = Path(out_dir) / "timing.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def sft_init(cfg: WarpConfig, sft: nn.Module) -> Path:
     """`out_dir/iter0/init.pt`: theta_sft as the first theta_init (written once, shared with REINFORCE)."""
     path = Path(cfg.out_dir) / "iter0" / "init.pt"
@@ -1063,7 +1124,10 @@ def warp(cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event
     Returns the folders of theta_slerp_I (the last merge) and of the final LITI policy, both
     `save_pretrained`-loadable. `on_event(name, info)` reports finished runs and merges.
     """
-    out = Path(cfg.out_dir)
+    start, out = time.time(), Path(cfg.out_dir)
+    claim_out_dir(cfg)
+    paths = {"slerp": out / "final_slerp", "liti": out / "final_liti"}
+    finished = all((p / "config.json").exists() for p in paths.values())
     sft, tokenizer = load_policy(cfg.sft)
     sft_init(cfg, sft)  # Alg. 1, line 1: theta_init <- theta_sft
     for i in range(cfg.iterations):  # Alg. 1, line 2
@@ -1086,13 +1150,12 @@ def warp(cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event
         merged = slerp(init, policies)
         info = {"iteration": i, **(angle_summary(task_vector_angles(init, policies)) if cfg.runs > 1 else {})}
         atomic_torch_save(merged, it / "slerp.pt")
-        atomic_write_text(it / "merge.json", json.dumps(info))
+        atomic_write_text(it / "merge.json", to_json(info))
         # Alg. 1, line 11: theta_init <- (1 - eta) * theta_init + eta * theta_slerp
         atomic_torch_save(liti(init, merged, cfg.eta), next_init)
         if on_event is not None:
             on_event("merge", info)
     # Alg. 1, line 12: return theta_slerp_I (and the LITI policy, the start of a next iteration)
-    paths = {"slerp": out / "final_slerp", "liti": out / "final_liti"}
     last = out / f"iter{cfg.iterations - 1}"
     for name, state_file in (
         ("slerp", last / "slerp.pt"),
@@ -1101,12 +1164,16 @@ def warp(cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event
         if not (paths[name] / "config.json").exists():
             load_state(sft, torch.load(state_file, weights_only=True))
             save_pretrained_atomic(sft, tokenizer, paths[name], extra={"kind": name, **cfg.to_dict()})
+    if not finished:
+        _record_minutes(out, "warp", start)
     return paths
 
 
 def train_reinforce_baseline(cfg: WarpConfig, prompts: list[list[int]]) -> Path:
     """Plain REINFORCE with the same EMA-anchored reward for I * M * T steps, no merging, for comparison."""
-    out = Path(cfg.out_dir) / "reinforce"
+    start, out = time.time(), Path(cfg.out_dir) / "reinforce"
+    claim_out_dir(cfg)
+    finished = run_finished(out)
     total = cfg.iterations * cfg.runs * cfg.steps
     points = tuple(
         sorted(
@@ -1118,6 +1185,8 @@ def train_reinforce_baseline(cfg: WarpConfig, prompts: list[list[int]]) -> Path:
     )
     init_path = sft_init(cfg, load_policy(cfg.sft)[0])
     train_run(cfg, RunSpec(str(out), str(init_path), cfg.seed + 999_999, total, save_points=points), prompts)
+    if not finished:
+        _record_minutes(cfg.out_dir, "reinforce", start)
     return out / f"step{total:05d}"
 
 
@@ -1129,6 +1198,19 @@ def training_prompts(cfg: WarpConfig, tokenizer, split: str = "train") -> list[l
 # ======================================================================================================
 # Evaluation
 # ======================================================================================================
+
+
+def trained_from(warp_dir: str | Path, defaults: dict[str, str]) -> dict[str, str]:
+    """`sft` and `data` that a WARP output was trained from (its config.json), so that KL is measured
+    against the policy it started from; `defaults` (the preset's) where unrecorded or where a recorded
+    local folder no longer exists (e.g. trained on another machine)."""
+    path = Path(warp_dir) / "config.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    out = {}
+    for key in ("sft", "data"):
+        value = saved.get(key) or defaults[key]
+        out[key] = defaults[key] if Path(value).is_absolute() and not Path(value).exists() else value
+    return out
 
 
 def eval_prompts(data: str, tokenizer, n_prompts: int, prompt_tokens: int, seed: int = 0):

@@ -83,6 +83,20 @@ def test_atomic_write_text_overwrites(tmp_path):
 # ------------------------------------------------------------------------------------------------------
 
 
+def test_to_json_is_strict_json_with_null_for_undefined_numbers(tmp_path):
+    """Headline files must parse with strict readers: NaN (an undefined CI or angle) is written as null,
+    numpy and torch scalars as plain numbers; atomic writes are readable by others (not 0600)."""
+    import numpy as np
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    obj = {"ci": float("nan"), "inf": [float("-inf")], "np": np.float32(0.5), "t": torch.tensor(2.0), "ok": 1}
+    assert strict(utils.to_json(obj)) == {"ci": None, "inf": [None], "np": 0.5, "t": 2.0, "ok": 1}
+    utils.atomic_write_text(tmp_path / "h.json", utils.to_json(obj))
+    assert (tmp_path / "h.json").stat().st_mode & 0o044 == 0o044
+
+
 def test_save_pretrained_atomic_then_load_policy_round_trips(tmp_path, make_gpt2, bpe_tokenizer):
     """A policy saved with save_pretrained_atomic reloads with the same weights (tied), a left-padding
     tokenizer with a pad token, and the extra info.json."""

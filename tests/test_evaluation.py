@@ -1,5 +1,6 @@
 """Evaluation against the truth: KL of a model with itself, and KL on enumerable completions."""
 
+import json
 import math
 
 import pandas as pd
@@ -64,7 +65,7 @@ def test_kl_estimates_match_enumeration(models, temperature):
     torch.manual_seed(1)
     df = utils.sample_and_score(
         policy, sft, tok, zero_reward, rows, samples_per_prompt=300, max_new_tokens=2,
-        temperature=temperature, batch_size=100,
+        temperature=temperature, batch_size=128,  # the 3rd batch mixes both prompts: one is padded
     )  # fmt: skip
     for p, prompt in enumerate(rows):
         exact = exact_two_token_kl(policy, sft, prompt, tok.eos_token_id, temperature)
@@ -107,3 +108,14 @@ def test_eval_prompts_are_balanced_and_cut_by_tokens(tmp_path):
     assert all(
         tok(t, add_special_tokens=False)["input_ids"][:3] == r for r, t in zip(rows, texts, strict=True)
     )
+
+
+def test_trained_from_prefers_what_02_recorded(tmp_path):
+    """03 measures KL against the SFT 02 trained from (a Hub id or an existing folder), and falls back to
+    the preset's where nothing was recorded or the recorded folder is gone."""
+    defaults = {"sft": "preset/sft", "data": "preset/data"}
+    assert utils.trained_from(tmp_path / "none", defaults) == defaults
+    (tmp_path / "config.json").write_text(json.dumps({"sft": "me/my-sft", "data": str(tmp_path)}))
+    assert utils.trained_from(tmp_path, defaults) == {"sft": "me/my-sft", "data": str(tmp_path)}
+    (tmp_path / "config.json").write_text(json.dumps({"sft": str(tmp_path / "gone"), "data": ""}))
+    assert utils.trained_from(tmp_path, defaults) == defaults

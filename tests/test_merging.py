@@ -392,6 +392,14 @@ def test_liti_tied_weights_and_dtype(make_gpt2):
     assert torch.equal(res, torch.lerp(half["w"].float(), half_merged["w"].float(), 0.25).to(torch.bfloat16))
 
 
+def test_liti_follows_the_device_of_init():
+    """The Pareto front mixes a policy already on the GPU with a merge loaded on the CPU: LITI computes on
+    init's device (a `meta` init stands in for the GPU here) instead of failing on mixed devices."""
+    init = {"w": torch.empty(4, device="meta")}
+    out = utils.liti(init, {"w": torch.randn(4)}, 0.5)
+    assert out["w"].device.type == "meta" and out["w"].shape == (4,)
+
+
 # ------------------------------------------------------------------------------------------------------
 # EMA anchor
 # ------------------------------------------------------------------------------------------------------

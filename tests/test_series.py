@@ -62,7 +62,8 @@ def test_generation_eval_notebook(series):
     front = pareto[pareto["curve"].str.startswith("WARP")].set_index("eta")
     assert front.loc[0.0, "kl"] == pytest.approx(0.0, abs=1e-5)
     assert front.loc[1.0, "kl"] == pytest.approx(results.loc["WARP (slerp)", "kl"], rel=1e-4)
-    assert (pareto["curve"] == "REINFORCE checkpoints").sum() >= 2
+    reinforce = pareto[pareto["curve"] == "REINFORCE checkpoints"].set_index("step")
+    assert len(reinforce) >= 3 and reinforce.loc[0, "kl"] == pytest.approx(0.0, abs=1e-5)  # starts at the SFT
     assert all((ck / "eval" / f).stat().st_size > 0 for f in ("results.png", "pareto.png"))
     assert json.loads((ck / "eval" / "headline.json").read_text())["models"]["SFT"]["kl"] == pytest.approx(
         0, abs=1e-5

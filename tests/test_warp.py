@@ -190,7 +190,22 @@ def test_warp_outer_loop_slerp_then_liti(assets, tmp_path):
     liti_model, _ = utils.load_policy(str(paths["liti"]))
     final_init = torch.load(out / "iter2" / "init.pt", weights_only=True)
     assert all(torch.equal(utils.state_of(liti_model)[k], final_init[k]) for k in final_init)
-    # a second call finds everything done and changes nothing
+    # a second call finds everything done and changes nothing, not even the recorded training time
     before = (out / "iter1" / "slerp.pt").stat().st_mtime_ns
+    minutes = utils.stage_minutes(out)
+    assert minutes["warp"] > 0
     utils.warp(cfg, prompts)
     assert (out / "iter1" / "slerp.pt").stat().st_mtime_ns == before
+    assert utils.stage_minutes(out) == minutes
+    # a restart with other settings is refused before any compute, naming what changed
+    with pytest.raises(ValueError, match=r"lr: 0\.0001 -> 0\.001"):
+        utils.warp(make_cfg(assets, out, steps=2, iterations=2, runs=2, eta=0.3, lr=1e-3), prompts)
+    assert (out / "iter1" / "slerp.pt").stat().st_mtime_ns == before
+
+
+def test_claim_out_dir_allows_only_harmless_changes(assets, tmp_path):
+    """Where to push, how to parallelise and how often to save may change between sessions; beta may not."""
+    utils.claim_out_dir(make_cfg(assets, tmp_path))
+    utils.claim_out_dir(make_cfg(assets, tmp_path, save_every=5, hub_repo="me/warp", parallel=False))
+    with pytest.raises(ValueError, match="beta"):
+        utils.claim_out_dir(make_cfg(assets, tmp_path, beta=0.3))
