@@ -1096,18 +1096,17 @@ def claim_out_dir(cfg: WarpConfig) -> Path:
     return path
 
 
-def _record_minutes(out_dir: str | Path, key: str, start: float) -> None:
-    """Add this session's wall time since `start` to `out_dir/timing.json` (a resumed stage sums them)."""
-    path = Path(out_dir) / "timing.json"
-    timing = json.loads(path.read_text()) if path.exists() else {}
-    timing[key] = timing.get(key, 0.0) + (time.time() - start) / 60
-    atomic_write_text(path, to_json(timing))
-
-
 def stage_minutes(out_dir: str | Path) -> dict[str, float]:
     """Wall minutes each stage trained in `out_dir` (`warp`, `reinforce`), over all sessions that worked."""
     path = Path(out_dir) / "timing.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _record_minutes(out_dir: str | Path, key: str, start: float) -> None:
+    """Add this session's wall time since `start` to `out_dir/timing.json` (a resumed stage sums them)."""
+    timing = stage_minutes(out_dir)
+    timing[key] = timing.get(key, 0.0) + (time.time() - start) / 60
+    atomic_write_text(Path(out_dir) / "timing.json", to_json(timing))
 
 
 def sft_init(cfg: WarpConfig, sft: nn.Module) -> Path:
