@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_notebook(name: str, workdir: Path, **parameters) -> tuple[str, float]:
     """Execute `name`.ipynb with `parameters` in `workdir` (relative paths land there); return the text
-    it printed and its wall time. The kernel imports utils/offline from the repo root via PYTHONPATH and
-    inherits WARP_CACHE and the Hub-offline variables."""
+    it printed or displayed (as plain text) and its wall time. The kernel imports our modules from the
+    repo root via PYTHONPATH and inherits WARP_CACHE and the Hub-offline variables."""
     import papermill
 
     out = workdir / f"{name}.out.ipynb"
@@ -34,7 +34,9 @@ def run_notebook(name: str, workdir: Path, **parameters) -> tuple[str, float]:
                 os.environ[k] = v
     seconds = time.time() - start
     cells = json.loads(out.read_text())["cells"]
+    outputs = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    # printed text, and the plain-text form of displayed objects (tables, code shown with `show`)
     text = "".join(
-        "".join(o.get("text", "")) for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])
+        "".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", "")) for o in outputs
     )
     return text, seconds

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
 import utils
 
 IMDB_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb_sample.jsonl"
@@ -20,14 +21,14 @@ IMDB_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb_sa
 @pytest.mark.parametrize("preset", ["offline", "imdb"])
 def test_for_preset_builds_a_valid_config(preset):
     """for_preset gives a WarpConfig of that preset; overrides win over the preset's defaults."""
-    cfg = utils.WarpConfig.for_preset(preset)
+    cfg = config.WarpConfig.for_preset(preset)
     assert cfg.preset == preset and 0 <= cfg.mu <= 1 and 0 <= cfg.eta <= 1
-    assert utils.WarpConfig.for_preset(preset, mu=0.025).mu == 0.025
+    assert config.WarpConfig.for_preset(preset, mu=0.025).mu == 0.025
 
 
 def test_presets_hold_the_documented_settings():
     """imdb keeps the seed's settings (SPEC 2); offline is the small CPU run (fewer steps, shorter texts)."""
-    imdb = utils.WarpConfig.for_preset("imdb")
+    imdb = config.WarpConfig.for_preset("imdb")
     assert (imdb.iterations, imdb.runs, imdb.steps, imdb.mu, imdb.eta, imdb.beta) == (
         2,
         2,
@@ -38,7 +39,7 @@ def test_presets_hold_the_documented_settings():
     )
     assert (imdb.batch_size * imdb.grad_accum, imdb.lr, imdb.temperature) == (64, 5e-6, 0.9)
     assert imdb.baseline == "none"  # the paper's plain REINFORCE is the default
-    off = utils.WarpConfig.for_preset("offline")
+    off = config.WarpConfig.for_preset("offline")
     assert off.steps < imdb.steps and off.max_new_tokens <= imdb.max_new_tokens
 
 
@@ -68,45 +69,45 @@ def test_presets_hold_the_documented_settings():
 def test_impossible_values_raise_and_name_the_field(field, value):
     """An impossible value is a ValueError whose message names the field."""
     with pytest.raises(ValueError, match=field):
-        utils.WarpConfig(**{field: value})
+        config.WarpConfig(**{field: value})
     if field != "preset":
         with pytest.raises(ValueError, match=field):
-            utils.WarpConfig.for_preset("offline", **{field: value})
+            config.WarpConfig.for_preset("offline", **{field: value})
 
 
 def test_rloo_needs_k_of_at_least_two_dividing_the_batch():
     """RLOO: batch_size must be a multiple of rloo_k and rloo_k >= 2; other baselines do not care."""
     with pytest.raises(ValueError, match="batch_size"):
-        utils.WarpConfig(baseline="rloo", batch_size=31, rloo_k=2)
+        config.WarpConfig(baseline="rloo", batch_size=31, rloo_k=2)
     with pytest.raises(ValueError, match="rloo_k"):
-        utils.WarpConfig(baseline="rloo", rloo_k=1)
-    assert utils.WarpConfig(baseline="rloo", batch_size=32, rloo_k=4).rloo_k == 4
-    assert utils.WarpConfig(baseline="mean", batch_size=31, rloo_k=2).batch_size == 31
+        config.WarpConfig(baseline="rloo", rloo_k=1)
+    assert config.WarpConfig(baseline="rloo", batch_size=32, rloo_k=4).rloo_k == 4
+    assert config.WarpConfig(baseline="mean", batch_size=31, rloo_k=2).batch_size == 31
 
 
 def test_unknown_field_or_preset_raises_naming_it():
     """for_preset rejects an unknown field name (named in the message) and an unknown preset."""
     with pytest.raises(ValueError, match="learning_rate"):
-        utils.WarpConfig.for_preset("offline", learning_rate=1e-3)
+        config.WarpConfig.for_preset("offline", learning_rate=1e-3)
     with pytest.raises(ValueError, match="nope"):
-        utils.WarpConfig.for_preset("nope")
+        config.WarpConfig.for_preset("nope")
 
 
 def test_config_save_round_trips(tmp_path):
     """config.save writes JSON that rebuilds an equal config."""
-    cfg = utils.WarpConfig.for_preset("offline", mu=0.05, baseline="mean")
+    cfg = config.WarpConfig.for_preset("offline", mu=0.05, baseline="mean")
     cfg.save(tmp_path / "cfg" / "config.json")
-    again = utils.WarpConfig(**json.loads((tmp_path / "cfg" / "config.json").read_text()))
+    again = config.WarpConfig(**json.loads((tmp_path / "cfg" / "config.json").read_text()))
     assert again == cfg
 
 
 def test_resolve_preset_explicit_names_and_invalid():
     """Explicit presets resolve to themselves (with a reason); an unknown name is a ValueError."""
-    for name in utils.PRESETS:
-        preset, reason = utils.resolve_preset(name)
+    for name in config.PRESETS:
+        preset, reason = config.resolve_preset(name)
         assert preset == name and isinstance(reason, str) and reason
     with pytest.raises(ValueError, match="colab"):
-        utils.resolve_preset("colab")
+        config.resolve_preset("colab")
 
 
 def test_resolve_auto_is_offline_without_hub_even_with_a_gpu(monkeypatch):
@@ -122,31 +123,31 @@ def test_resolve_auto_is_offline_without_hub_even_with_a_gpu(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert utils.hub_reachable() is False
-    assert utils.resolve_preset("auto")[0] == "offline"
+    assert config.hub_reachable() is False
+    assert config.resolve_preset("auto")[0] == "offline"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert utils.resolve_preset("auto")[0] == "offline"
-    assert utils.resolve_preset()[0] == "offline"
+    assert config.resolve_preset("auto")[0] == "offline"
+    assert config.resolve_preset()[0] == "offline"
     assert calls == []  # HF_HUB_OFFLINE=1 is honoured before any request
 
 
 def test_resolve_auto_is_imdb_with_gpu_and_hub(monkeypatch):
     """'auto' gives 'imdb' when a GPU and the Hub are both there."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(utils, "hub_reachable", lambda *a, **k: True)
-    assert utils.resolve_preset("auto")[0] == "imdb"
+    monkeypatch.setattr(config, "hub_reachable", lambda *a, **k: True)
+    assert config.resolve_preset("auto")[0] == "imdb"
 
 
 def test_preset_paths_imdb_are_the_hub_ids():
     """The imdb preset points at the real SFT, reward base and data set (SPEC 4)."""
-    paths = utils.preset_paths("imdb")
+    paths = config.preset_paths("imdb")
     assert paths == {
         "sft": "lvwerra/gpt2-imdb",
         "reward_base": "distilbert-base-cased",
         "data": "stanfordnlp/imdb",
     }
     with pytest.raises(ValueError):
-        utils.preset_paths("auto")
+        config.preset_paths("auto")
 
 
 # ------------------------------------------------------------------------------------------------------

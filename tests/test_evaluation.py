@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+import evaluation
 import utils
 from tests import tiny
 
@@ -50,7 +51,7 @@ def test_kl_of_a_model_with_itself_is_zero(models):
     _, sft, tok = models
     rows = [[5, 6, 7], [8, 9]]
     torch.manual_seed(0)
-    df = utils.sample_and_score(
+    df = evaluation.sample_and_score(
         sft, sft, tok, zero_reward, rows, samples_per_prompt=4, max_new_tokens=5, temperature=0.9
     )
     assert (df["kl"].abs() < 1e-5).all() and (df["kl_k1"].abs() < 1e-5).all()
@@ -63,7 +64,7 @@ def test_kl_estimates_match_enumeration(models, temperature):
     policy, sft, tok = models
     rows = [[5, 6, 7, 8], [9, 10]]  # different lengths: the shorter one is left-padded
     torch.manual_seed(1)
-    df = utils.sample_and_score(
+    df = evaluation.sample_and_score(
         policy, sft, tok, zero_reward, rows, samples_per_prompt=300, max_new_tokens=2,
         temperature=temperature, batch_size=128,  # the 3rd batch mixes both prompts: one is padded
     )  # fmt: skip
@@ -71,7 +72,7 @@ def test_kl_estimates_match_enumeration(models, temperature):
         exact = exact_two_token_kl(policy, sft, prompt, tok.eos_token_id, temperature)
         assert exact > 0.05  # the two models really differ
         for col in ("kl", "kl_k1"):
-            mean, ci = utils.mean_ci(df[df.prompt == p][col].tolist())
+            mean, ci = evaluation.mean_ci(df[df.prompt == p][col].tolist())
             assert abs(mean - exact) <= 1.5 * ci + 1e-4, (p, col, mean, ci, exact)
         # the exact-per-position estimator has lower variance than k1
         assert df[df.prompt == p]["kl"].std() < df[df.prompt == p]["kl_k1"].std()
@@ -86,7 +87,7 @@ def test_summarise_splits_and_diversity():
             kl=[0.5, 0.5, 1.0, 1.0], kl_k1=[0.4, 0.6, 1.2, 0.8], length=[2, 2, 2, 2],
         )
     )  # fmt: skip
-    s = utils.summarise(df, labels=[1, 0])
+    s = evaluation.summarise(df, labels=[1, 0])
     assert s["score"] == pytest.approx(0.5)  # mean of the per-prompt means 2 and -1
     assert s["score/positive"] == pytest.approx(2.0) and s["score/negative"] == pytest.approx(-1.0)
     assert s["score_ci95"] == pytest.approx(1.96 * math.sqrt(4.5) / math.sqrt(2))
@@ -102,7 +103,7 @@ def test_eval_prompts_are_balanced_and_cut_by_tokens(tmp_path):
         for i, text in enumerate(tiny.corpus(40)):
             f.write(json.dumps({"text": text, "label": i % 2}) + "\n")
     _, tok = utils.load_policy(tiny.save_tiny_policy(tmp_path / "sft"))
-    rows, labels, texts = utils.eval_prompts(str(tmp_path / "data"), tok, 10, 3)
+    rows, labels, texts = evaluation.eval_prompts(str(tmp_path / "data"), tok, 10, 3)
     assert len(rows) == 10 and sum(labels) == 5
     assert all(len(r) == 3 for r in rows)
     assert all(
@@ -114,8 +115,8 @@ def test_trained_from_prefers_what_02_recorded(tmp_path):
     """03 measures KL against the SFT 02 trained from (a Hub id or an existing folder), and falls back to
     the preset's where nothing was recorded or the recorded folder is gone."""
     defaults = {"sft": "preset/sft", "data": "preset/data"}
-    assert utils.trained_from(tmp_path / "none", defaults) == defaults
+    assert evaluation.trained_from(tmp_path / "none", defaults) == defaults
     (tmp_path / "config.json").write_text(json.dumps({"sft": "me/my-sft", "data": str(tmp_path)}))
-    assert utils.trained_from(tmp_path, defaults) == {"sft": "me/my-sft", "data": str(tmp_path)}
+    assert evaluation.trained_from(tmp_path, defaults) == {"sft": "me/my-sft", "data": str(tmp_path)}
     (tmp_path / "config.json").write_text(json.dumps({"sft": str(tmp_path / "gone"), "data": ""}))
-    assert utils.trained_from(tmp_path, defaults) == defaults
+    assert evaluation.trained_from(tmp_path, defaults) == defaults

@@ -24,14 +24,14 @@ def series(tmp_path_factory):
     ck = work / "checkpoints"
     times = {}
     _, times["01"] = run_notebook("01_reward_model", work, PRESET="offline", CHECKPOINTS=str(ck))
-    _, times["02"] = run_notebook("02_warp_training", work, PRESET="offline", CHECKPOINTS=str(ck))
-    return work, ck, times
+    text02, times["02"] = run_notebook("02_warp_training", work, PRESET="offline", CHECKPOINTS=str(ck))
+    return work, ck, times, text02
 
 
 def test_warp_beats_sft_on_heldout_prompts(series):
     """After 01 and 02, the WARP policy's mean held-out reward beats the SFT's by a clear margin (at least
     0.5 and beyond the 95% interval of the difference), with KL to the SFT > 0; the SFT's own KL is 0."""
-    _, ck, times = series
+    _, ck, times, _ = series
     summary = json.loads((ck / "warp" / "summary.json").read_text())
     held = summary["heldout"]
     sft, warp = held["SFT"], held["WARP (slerp)"]
@@ -48,10 +48,27 @@ def test_warp_beats_sft_on_heldout_prompts(series):
     assert (ck / "warp" / "training_curves.png").stat().st_size > 0
 
 
+def test_02_shows_the_algorithm_and_runs_one_micro_batch(series):
+    """02 displays the code of each step of Algorithm 1 and the per-row table of one micro-batch."""
+    *_, text = series
+    for source in (
+        "def policy_loss(",
+        "def ema_update(",
+        "def train_run(",
+        "def slerp(",
+        "def liti(",
+        "def warp(",
+    ):
+        assert source in text, source
+    for column in ("completion", "r_beta", "advantage", "loss term", "KL to anchor after one step"):
+        assert column in text, column
+    assert "(the sum of the loss terms)" in text
+
+
 def test_generation_eval_notebook(series):
     """03 evaluates every checkpoint 02 wrote, writes its tables, and its front starts at the SFT (eta 0:
     KL 0) and ends at the SLERP policy (eta 1)."""
-    work, ck, _ = series
+    work, ck, _, _ = series
     run_notebook(
         "03_generation_eval", work, PRESET="offline", CHECKPOINTS=str(ck),
         OVERRIDES={"n_prompts": 16, "etas": [0.0, 0.5, 1.0]},
@@ -72,7 +89,7 @@ def test_generation_eval_notebook(series):
 
 def test_mu_sweep_notebook_reuses_training_and_skips_finished(series):
     """04 trains one WARP per mu with 02's code, writes its CSV, and a restart skips finished values."""
-    work, ck, _ = series
+    work, ck, _, _ = series
     params = dict(
         PRESET="offline", CHECKPOINTS=str(ck), MUS=[0.01, 0.1],
         OVERRIDES={"steps": 3, "iterations": 1}, EVAL_OVERRIDES={"n_prompts": 8, "samples_per_prompt": 1},

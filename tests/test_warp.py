@@ -6,7 +6,10 @@ import json
 import pytest
 import torch
 
+import config
+import runs
 import utils
+import warp
 from tests import tiny
 
 
@@ -27,12 +30,12 @@ def assets(tmp_path_factory):
 
 def make_cfg(assets, out_dir, **kw):
     base = dict(steps=3, batch_size=8, max_new_tokens=5, prompt_tokens=4, save_every=1, cpu_threads=1)
-    return utils.WarpConfig.for_preset("offline", **assets, out_dir=str(out_dir), **{**base, **kw})
+    return config.WarpConfig.for_preset("offline", **assets, out_dir=str(out_dir), **{**base, **kw})
 
 
 def prompts_of(cfg):
     _, tok = utils.load_policy(cfg.sft)
-    return utils.training_prompts(cfg, tok)
+    return warp.training_prompts(cfg, tok)
 
 
 def expected_target_prob(policy, prompt_ids, prompt_mask, target, temperature):
@@ -61,7 +64,9 @@ def test_one_rl_step_raises_expected_reward(assets, tmp_path, baseline):
     before = expected_target_prob(policy, prompt_ids, prompt_mask, target, cfg.temperature)
     torch.manual_seed(0)
     opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
-    loss, stats = utils.policy_loss(policy, anchor, reward_fn, prompt_ids, prompt_mask, cfg, tok.eos_token_id)
+    loss, stats, _ = warp.policy_loss(
+        policy, anchor, reward_fn, prompt_ids, prompt_mask, cfg, tok.eos_token_id
+    )
     loss.backward()
     opt.step()
     after = expected_target_prob(policy, prompt_ids, prompt_mask, target, cfg.temperature)
@@ -69,29 +74,60 @@ def test_one_rl_step_raises_expected_reward(assets, tmp_path, baseline):
     assert after > before + 0.005, (before, after)
     for _ in range(2):  # and it keeps rising
         opt.zero_grad()
-        utils.policy_loss(policy, anchor, reward_fn, prompt_ids, prompt_mask, cfg, tok.eos_token_id)[
+        warp.policy_loss(policy, anchor, reward_fn, prompt_ids, prompt_mask, cfg, tok.eos_token_id)[
             0
         ].backward()
         opt.step()
     assert expected_target_prob(policy, prompt_ids, prompt_mask, target, cfg.temperature) > after + 0.01
 
 
+@pytest.mark.parametrize("baseline", ["none", "rloo"])
+def test_policy_loss_rows_add_up(assets, tmp_path, baseline):
+    """The per-row values 02 prints are the loss's: r_beta = r - beta * KL (KL = log pi - log pi_anchor
+    of the sampled completion), the advantage is r_beta minus the baseline, and loss = mean(-A log pi)."""
+    cfg = make_cfg(assets, tmp_path, beta=0.5, baseline=baseline, rloo_k=2)
+    policy, tok = utils.load_policy(cfg.sft)
+    anchor, _ = utils.load_policy(cfg.sft)
+    with torch.no_grad():  # an anchor away from the policy, so that the KL term is not zero
+        for p in anchor.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    reward_fn = lambda p, m, completions, mask: completions.float().mean(1)
+    rows = [r for r in prompts_of(cfg)[:4] for _ in range(2)]
+    ids, mask = utils.left_pad(rows, tok.pad_token_id)
+    torch.manual_seed(0)
+    loss, stats, out = warp.policy_loss(policy, anchor, reward_fn, ids, mask, cfg, tok.eos_token_id)
+    y, y_mask = out["completions"], out["mask"]
+    with torch.no_grad():
+        lp = utils.masked_sum(
+            utils.token_logprobs(utils.completion_logits(policy, ids, mask, y, 0.9), y), y_mask
+        )
+        ref = utils.masked_sum(
+            utils.token_logprobs(utils.completion_logits(anchor, ids, mask, y, 0.9), y), y_mask
+        )
+    assert torch.allclose(out["logprob"], lp, atol=1e-5)
+    assert torch.allclose(out["kl"], lp - ref, atol=1e-5) and out["kl"].abs().max() > 1e-3
+    assert torch.allclose(out["r_beta"], out["scores"] - 0.5 * out["kl"])
+    assert torch.allclose(out["advantage"], warp.advantages(out["r_beta"], baseline, 2))
+    assert loss.item() == pytest.approx((-out["advantage"] * out["logprob"]).mean().item(), abs=1e-6)
+    assert stats["objective/rlhf_reward"] == pytest.approx(out["r_beta"].mean().item(), abs=1e-6)
+
+
 def test_advantages_baselines():
     """'none' is r_beta, 'mean' is centred, RLOO subtracts the mean of the other samples of its prompt."""
     r = torch.tensor([1.0, 3.0, 0.0, 10.0, 2.0, 2.0])
-    assert torch.equal(utils.advantages(r, "none"), r)
-    assert utils.advantages(r, "mean").sum().abs() < 1e-6
+    assert torch.equal(warp.advantages(r, "none"), r)
+    assert warp.advantages(r, "mean").sum().abs() < 1e-6
     k = 3
     expected = torch.tensor(
         [r[i] - (r[(i // k) * k : (i // k + 1) * k].sum() - r[i]) / (k - 1) for i in range(6)]
     )
-    assert torch.allclose(utils.advantages(r, "rloo", k), expected)
+    assert torch.allclose(warp.advantages(r, "rloo", k), expected)
 
 
 def test_prompt_batches_are_seeded_permutations():
     """Each epoch covers every prompt once; the same seed repeats the order, another seed changes it."""
     take = lambda seed, n: [
-        i for _, b in zip(range(n), utils.prompt_batches(12, 4, seed), strict=False) for i in b
+        i for _, b in zip(range(n), warp.prompt_batches(12, 4, seed), strict=False) for i in b
     ]
     assert sorted(take(0, 3)) == list(range(12))
     assert take(0, 6) == take(0, 6)
@@ -104,14 +140,14 @@ def test_anchor_moves_by_exactly_mu_of_the_gap(assets, tmp_path):
     prompts = prompts_of(cfg)
     policy, _ = utils.load_policy(cfg.sft)
     init = utils.state_of(policy)
-    utils.atomic_torch_save(init, tmp_path / "init.pt")
-    spec = utils.RunSpec(str(tmp_path / "run"), str(tmp_path / "init.pt"), seed=0, steps=2)
+    runs.atomic_torch_save(init, tmp_path / "init.pt")
+    spec = runs.RunSpec(str(tmp_path / "run"), str(tmp_path / "init.pt"), seed=0, steps=2)
 
     def stop(step, metrics):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        utils.train_run(cfg, spec, prompts, on_step=stop)
+        warp.train_run(cfg, spec, prompts, on_step=stop)
     ckpt = torch.load(tmp_path / "run" / "progress.pt", weights_only=False)
     assert ckpt["step"] == 1
     moved = 0
@@ -123,7 +159,7 @@ def test_anchor_moves_by_exactly_mu_of_the_gap(assets, tmp_path):
 
 
 def run_weights(cfg, prompts, run_dir, init_path, seed=0, stop_at=None):
-    spec = utils.RunSpec(str(run_dir), str(init_path), seed=seed, steps=cfg.steps)
+    spec = runs.RunSpec(str(run_dir), str(init_path), seed=seed, steps=cfg.steps)
 
     def stop(step, metrics):
         if step == stop_at:
@@ -131,9 +167,9 @@ def run_weights(cfg, prompts, run_dir, init_path, seed=0, stop_at=None):
 
     if stop_at is not None:
         with pytest.raises(KeyboardInterrupt):
-            utils.train_run(cfg, spec, prompts, on_step=stop)
-        assert not utils.run_finished(run_dir)
-    return torch.load(utils.train_run(cfg, spec, prompts), weights_only=True)
+            warp.train_run(cfg, spec, prompts, on_step=stop)
+        assert not runs.run_finished(run_dir)
+    return torch.load(warp.train_run(cfg, spec, prompts), weights_only=True)
 
 
 def test_interrupted_run_resumes_bitwise(assets, tmp_path):
@@ -141,7 +177,7 @@ def test_interrupted_run_resumes_bitwise(assets, tmp_path):
     cfg = make_cfg(assets, tmp_path / "out", steps=4, grad_accum=2)
     prompts = prompts_of(cfg)
     policy, _ = utils.load_policy(cfg.sft)
-    utils.atomic_torch_save(utils.state_of(policy), tmp_path / "init.pt")
+    runs.atomic_torch_save(utils.state_of(policy), tmp_path / "init.pt")
     whole = run_weights(cfg, prompts, tmp_path / "whole", tmp_path / "init.pt")
     resumed = run_weights(cfg, prompts, tmp_path / "resumed", tmp_path / "init.pt", stop_at=2)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
@@ -155,12 +191,12 @@ def test_parallel_runs_equal_sequential(assets, tmp_path):
     cfg = make_cfg(assets, tmp_path / "out", steps=2)
     prompts = prompts_of(cfg)
     policy, _ = utils.load_policy(cfg.sft)
-    utils.atomic_torch_save(utils.state_of(policy), tmp_path / "init.pt")
+    runs.atomic_torch_save(utils.state_of(policy), tmp_path / "init.pt")
     specs = lambda root: [
-        utils.RunSpec(str(root / f"run{m}"), str(tmp_path / "init.pt"), m, 2) for m in range(2)
+        runs.RunSpec(str(root / f"run{m}"), str(tmp_path / "init.pt"), m, 2) for m in range(2)
     ]
-    utils.train_runs(cfg, specs(tmp_path / "seq"), prompts, processes=1)
-    utils.train_runs(cfg, specs(tmp_path / "par"), prompts, processes=2)
+    warp.train_runs(cfg, specs(tmp_path / "seq"), prompts, processes=1)
+    warp.train_runs(cfg, specs(tmp_path / "par"), prompts, processes=2)
     for m in range(2):
         a = torch.load(tmp_path / "seq" / f"run{m}" / "final.pt", weights_only=True)
         b = torch.load(tmp_path / "par" / f"run{m}" / "final.pt", weights_only=True)
@@ -171,12 +207,12 @@ def test_warp_outer_loop_slerp_then_liti(assets, tmp_path):
     """Alg. 1 lines 10-12: each iteration's init is LITI(init, SLERP(runs), eta); finals are loadable."""
     cfg = make_cfg(assets, tmp_path / "out", steps=2, iterations=2, runs=2, eta=0.3)
     prompts = prompts_of(cfg)
-    paths = utils.warp(cfg, prompts)
+    paths = warp.warp(cfg, prompts)
     out = tmp_path / "out"
     for i in range(2):
         init = torch.load(out / f"iter{i}" / "init.pt", weights_only=True)
-        runs = [torch.load(out / f"iter{i}" / f"run{m}" / "final.pt", weights_only=True) for m in range(2)]
-        merged = utils.slerp(init, runs)
+        finals = [torch.load(out / f"iter{i}" / f"run{m}" / "final.pt", weights_only=True) for m in range(2)]
+        merged = utils.slerp(init, finals)
         nxt = torch.load(out / f"iter{i + 1}" / "init.pt", weights_only=True)
         for k in init:
             assert torch.equal(
@@ -192,20 +228,20 @@ def test_warp_outer_loop_slerp_then_liti(assets, tmp_path):
     assert all(torch.equal(utils.state_of(liti_model)[k], final_init[k]) for k in final_init)
     # a second call finds everything done and changes nothing, not even the recorded training time
     before = (out / "iter1" / "slerp.pt").stat().st_mtime_ns
-    minutes = utils.stage_minutes(out)
+    minutes = runs.stage_minutes(out)
     assert minutes["warp"] > 0
-    utils.warp(cfg, prompts)
+    warp.warp(cfg, prompts)
     assert (out / "iter1" / "slerp.pt").stat().st_mtime_ns == before
-    assert utils.stage_minutes(out) == minutes
+    assert runs.stage_minutes(out) == minutes
     # a restart with other settings is refused before any compute, naming what changed
     with pytest.raises(ValueError, match=r"lr: 0\.0001 -> 0\.001"):
-        utils.warp(make_cfg(assets, out, steps=2, iterations=2, runs=2, eta=0.3, lr=1e-3), prompts)
+        warp.warp(make_cfg(assets, out, steps=2, iterations=2, runs=2, eta=0.3, lr=1e-3), prompts)
     assert (out / "iter1" / "slerp.pt").stat().st_mtime_ns == before
 
 
 def test_claim_out_dir_allows_only_harmless_changes(assets, tmp_path):
     """Where to push, how to parallelise and how often to save may change between sessions; beta may not."""
-    utils.claim_out_dir(make_cfg(assets, tmp_path))
-    utils.claim_out_dir(make_cfg(assets, tmp_path, save_every=5, hub_repo="me/warp", parallel=False))
+    runs.claim_out_dir(make_cfg(assets, tmp_path))
+    runs.claim_out_dir(make_cfg(assets, tmp_path, save_every=5, hub_repo="me/warp", parallel=False))
     with pytest.raises(ValueError, match="beta"):
-        utils.claim_out_dir(make_cfg(assets, tmp_path, beta=0.3))
+        runs.claim_out_dir(make_cfg(assets, tmp_path, beta=0.3))

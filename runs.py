@@ -1,0 +1,334 @@
+"""Runs and persistence: files written atomically, the Hugging Face Hub, resumable training state
+(weights, optimizer, RNG, loss scale), output-folder claims, timing records and parallel runs.
+
+Everything that touches the disk, the network or processes lives here, so that `utils.py` stays pure
+and `warp.py` reads like the paper. 01 and 02 resume through the same `save_progress`/`load_progress`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import utils
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file so that a crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+        tmp = f.name
+    os.chmod(tmp, 0o644)  # tempfile makes it private; results are meant to be read and shared
+    os.replace(tmp, path)
+
+
+def to_json(obj, indent: int | None = 2) -> str:
+    """Strict JSON that every parser reads: NaN and infinities become null, numpy/torch scalars numbers."""
+
+    def finite(o):
+        if isinstance(o, dict):
+            return {str(k): finite(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [finite(v) for v in o]
+        if hasattr(o, "item") and not isinstance(o, (str, bytes)):  # numpy / torch scalars
+            o = o.item()
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        return o if isinstance(o, (str, int, float, bool, type(None))) else str(o)
+
+    return json.dumps(finite(obj), indent=indent, allow_nan=False)
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """torch.save through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `path` whole, on error it is deleted.
+
+    A folder counts as a finished checkpoint only once it sits at `path`, so readers never see a
+    half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pretrained_atomic(model: nn.Module, tokenizer, path: str | Path, extra: dict | None = None) -> None:
+    """`save_pretrained` of model + tokenizer into `path`, atomically; `extra` goes to info.json."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            (tmp / "info.json").write_text(json.dumps(extra, indent=2))
+
+
+def hf_token() -> str | None:
+    """A Hub token from a Kaggle or Colab secret `HF_TOKEN`, else the HF_TOKEN environment variable."""
+    try:
+        from kaggle_secrets import UserSecretsClient  # only exists on Kaggle
+
+        return UserSecretsClient().get_secret("HF_TOKEN")
+    except Exception:
+        pass
+    try:
+        from google.colab import userdata  # only exists on Colab
+
+        return userdata.get("HF_TOKEN")
+    except Exception:
+        return os.environ.get("HF_TOKEN") or None
+
+
+def push_folder(folder: str | Path, repo_id: str, token: str | None, path_in_repo: str = "") -> str:
+    """Upload a local folder to a Hub model repo; return a one-line account of what happened."""
+    if not repo_id:
+        return f"saved locally in {folder} (no hub_repo set)"
+    if not token:
+        return (
+            f"saved locally in {folder}; no HF_TOKEN found. To push later: "
+            f"hf upload {repo_id} {folder} {path_in_repo or '.'}"
+        )
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, path_in_repo=path_in_repo or None)
+    return f"saved in {folder} and pushed to https://huggingface.co/{repo_id}/{path_in_repo}"
+
+
+def resolve_checkpoint(source: str, subfolder: str = "") -> str:
+    """A local folder for `source`: itself if it exists, else a download of the Hub repo (subfolder)."""
+    local = Path(source) / subfolder if subfolder else Path(source)
+    if local.exists():
+        return str(local)
+    from huggingface_hub import snapshot_download
+
+    root = snapshot_download(source, allow_patterns=[f"{subfolder}/*"] if subfolder else None)
+    return str(Path(root) / subfolder) if subfolder else root
+
+
+def pull_folder(repo_id: str, local_dir: str | Path, token: str | None) -> str:
+    """Fetch what an earlier session pushed to `repo_id` into `local_dir` (resume across machines)."""
+    if not repo_id:
+        return "no hub_repo set: resuming from local checkpoints only"
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id, local_dir=str(local_dir), token=token)
+    except Exception as e:  # a missing repo just means nothing was pushed yet
+        return f"nothing pulled from {repo_id} ({type(e).__name__}); starting from local checkpoints"
+    return f"pulled {repo_id} into {local_dir}"
+
+
+def rng_state() -> dict:
+    """Every random-number state a run depends on (Python, torch CPU and CUDA)."""
+    import random
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved."""
+    import random
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_progress(path: str | Path, accelerator=None, **state) -> None:
+    """Write the resumable state of a training loop atomically, with every RNG state and, in fp16, the
+    GradScaler's loss scale (else a resumed run would restart at the initial scale)."""
+    scaler = getattr(accelerator, "scaler", None)
+    extra = {"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}
+    atomic_torch_save({**state, **extra}, path)
+
+
+def load_progress(path: str | Path, accelerator=None) -> dict | None:
+    """What `save_progress` wrote, or None when there is nothing to resume. Restores the RNG states and
+    the GradScaler, so call it where the interrupted loop stood: after setup, right before it continues."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    set_rng_state(state["rng"])
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return state
+
+
+def save_run(path, accelerator, policy, anchor, optimizer, scheduler, step: int, history: list) -> None:
+    """Progress checkpoint of an RL run: enough state for `resume_run` to continue it bit for bit."""
+    policy = utils.state_of(accelerator.unwrap_model(policy))
+    save_progress(
+        path, accelerator, policy=policy, anchor=utils.state_of(anchor), optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(), step=step, history=history,
+    )  # fmt: skip
+
+
+def resume_run(path, accelerator, policy, anchor, optimizer, scheduler, seed: int) -> tuple[int, list]:
+    """Load what `save_run` wrote into the run's objects and return (step, history); without a progress
+    file, seed the run and return (0, [])."""
+    state = load_progress(path, accelerator)
+    if state is None:
+        torch.manual_seed(seed)
+        return 0, []
+    utils.load_state(accelerator.unwrap_model(policy), state["policy"])
+    utils.load_state(anchor, state["anchor"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], state["history"]
+
+
+# ======================================================================================================
+# Output folders: claims, finished runs, timing
+# ======================================================================================================
+
+
+def config_changes(saved: dict, cfg) -> list[str]:
+    """Fields of `cfg` whose value differs from `saved` (a config.json), except those its class lists in
+    RESUMABLE_WITH_CHANGES."""
+    now = json.loads(to_json(cfg.to_dict()))
+    return [k for k in now if k not in cfg.RESUMABLE_WITH_CHANGES and saved.get(k) != now[k]]
+
+
+def claim_out_dir(cfg, folder: str | Path | None = None) -> Path:
+    """Record `cfg` in `folder/config.json` (default `cfg.out_dir`), first checking that results already
+    there used the same settings (else a restart would silently continue old runs under new settings)."""
+    folder = Path(folder if folder is not None else cfg.out_dir)
+    path = folder / "config.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = config_changes(saved, cfg)
+        if changed:
+            now = json.loads(to_json(cfg.to_dict()))
+            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+            raise ValueError(
+                f"{folder} holds results trained with other settings ({diff}); "
+                "choose another out_dir (or CHECKPOINTS), or delete the folder to start over"
+            )
+    cfg.save(path)
+    return path
+
+
+@dataclass
+class RunSpec:
+    """One RL run of Algorithm 1's inner loop (or the REINFORCE baseline): where it starts and ends."""
+
+    run_dir: str
+    """Folder of this run: progress checkpoint, final weights, metrics."""
+    init_path: str
+    """torch file holding theta_init (a parameter state dict)."""
+    seed: int
+    """Seeds prompt order and sampling; the only difference between the M runs of an iteration."""
+    steps: int
+    """Number of Adam steps (T)."""
+    save_points: tuple[int, ...] = ()
+    """Steps after which to keep a `save_pretrained` snapshot (the REINFORCE baseline's Pareto points)."""
+
+
+def run_finished(run_dir: str | Path) -> bool:
+    """A run is finished when its final weights were written (atomically, last)."""
+    return (Path(run_dir) / "final.pt").exists()
+
+
+def stage_minutes(out_dir: str | Path) -> dict[str, float]:
+    """Wall minutes each stage trained in `out_dir` (`warp`, `reinforce`), over all sessions that worked."""
+    path = Path(out_dir) / "timing.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def record_minutes(out_dir: str | Path, key: str, start: float) -> None:
+    """Add this session's wall time since `start` to `out_dir/timing.json` (a resumed stage sums them)."""
+    timing = stage_minutes(out_dir)
+    timing[key] = timing.get(key, 0.0) + (time.time() - start) / 60
+    atomic_write_text(Path(out_dir) / "timing.json", to_json(timing))
+
+
+def load_rl_models(cfg, device):
+    """What one RL run of `cfg` works with: policy and anchor (the SFT architecture; the caller loads
+    theta_init into both), the policy's tokenizer, and r(x, y) with the reward model on `device`."""
+    policy, tokenizer = utils.load_policy(cfg.sft)
+    anchor, _ = utils.load_policy(cfg.sft)
+    reward_model, reward_tokenizer = utils.load_reward_model(cfg.reward_model)
+    reward_model.to(device)
+    reward_fn = utils.make_reward_fn(
+        reward_model, reward_tokenizer, tokenizer, cfg.reward_batch_size, cfg.reward_max_length
+    )
+    return policy, anchor, tokenizer, reward_fn
+
+
+# ======================================================================================================
+# Parallel runs
+# ======================================================================================================
+
+
+def _worker(fn, args: tuple, gpu: int | None) -> None:
+    """Entry point of one parallel job in its own process, pinned to one GPU (or the CPU)."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    fn(*args, device=None if gpu is not None else "cpu")
+
+
+def run_parallel(fn, jobs: list[tuple], processes: int = 1) -> None:
+    """Call `fn(*job)` for each job: one after another, or `processes` at a time in spawned processes,
+    one per GPU when there are GPUs (`fn` takes a `device` keyword: "cpu", or None for the GPU it sees)."""
+    if processes <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            fn(*job)
+        return
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # CUDA cannot be shared with forked children
+    n_gpus = torch.cuda.device_count()
+    for start in range(0, len(jobs), processes):
+        procs = []
+        for j, job in enumerate(jobs[start : start + processes]):
+            p = ctx.Process(target=_worker, args=(fn, job, j % n_gpus if n_gpus else None))
+            p.start()
+            procs.append(p)
+        for p in procs:
+            p.join()
+        failed = [j for j, p in enumerate(procs, start=start) if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"parallel job(s) {failed} failed; finished work is kept, rerun to resume")

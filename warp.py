@@ -1,0 +1,262 @@
+"""Algorithm 1 of WARP (Ramé et al. 2024, arXiv 2406.16768), and the REINFORCE baseline it is compared to.
+
+Each line of Algorithm 1 (printed at the top of 02) is cited where it is implemented: `policy_loss` is
+lines 5-8 on one micro-batch, `train_run` the inner run (lines 3-9), `warp` the whole loop (lines 1-12).
+The tensor maths (sampling, log-probs, SLERP, ...) is in `utils.py`; saving and resuming in `runs.py`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import runs
+import utils
+from config import WarpConfig
+
+
+def training_prompts(cfg: WarpConfig, tokenizer, split: str = "train") -> list[list[int]]:
+    """The prompts x of Alg. 1: the first `prompt_tokens` tokens of each review of `split`."""
+    return utils.cut_prompts(utils.load_reviews(cfg.data, split)["text"], tokenizer, cfg.prompt_tokens)
+
+
+def prompt_batches(n_prompts: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Alg. 1, line 5: endless batches of prompt indices, a fresh seeded permutation each epoch."""
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n_prompts, generator=g).tolist()
+        for i in range(0, n_prompts - batch_size + 1, batch_size):
+            yield order[i : i + batch_size]
+        epoch += 1
+
+
+def advantages(r_beta: Tensor, baseline: str, k: int = 1) -> Tensor:
+    """(B,) REINFORCE weights: r_beta itself ('none', the paper), minus the batch mean ('mean'), or minus
+    RLOO's leave-one-out mean over the k samples of the same prompt ('rloo'; rows grouped by prompt)."""
+    if baseline == "none":
+        return r_beta
+    if baseline == "mean":
+        return r_beta - r_beta.mean()
+    if baseline == "rloo":
+        groups = r_beta.view(-1, k)  # (B/k, k): k samples per prompt
+        others_mean = (groups.sum(1, keepdim=True) - groups) / (k - 1)
+        return (groups - others_mean).flatten()
+    raise ValueError(f"baseline={baseline!r}: 'none', 'mean' or 'rloo'")
+
+
+def policy_loss(policy, anchor, reward_fn, prompt_ids, prompt_mask, cfg: WarpConfig, eos_token_id: int):
+    """Alg. 1, lines 6-8 on one micro-batch of left-padded prompts (B, P).
+
+    Returns the loss, its logged statistics, and per-row tensors (completion, score, kl, r_beta,
+    advantage, sequence log-prob) for inspection.
+    """
+    # 1. sample y ~ pi_theta(.|x) at the training temperature, no top-k/top-p (line 6)
+    completions, mask = utils.sample_completions(
+        policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        eos_token_id=eos_token_id,
+    )  # fmt: skip
+    # 2. log pi_theta(y|x) with gradient and log pi_ema(y|x) without, same temperature, one pass each
+    logits = utils.completion_logits(policy, prompt_ids, prompt_mask, completions, cfg.temperature)  # (B,L,V)
+    logprobs = utils.token_logprobs(logits, completions)  # (B, L)
+    with torch.no_grad():
+        ref_logits = utils.completion_logits(anchor, prompt_ids, prompt_mask, completions, cfg.temperature)
+        ref_logprobs = utils.token_logprobs(ref_logits, completions)
+    # 3. the reward model scores the decoded review x + y
+    scores = reward_fn(prompt_ids, prompt_mask, completions, mask).to(logprobs.device)  # (B,)
+    # 4. r_beta = r - beta * log(pi_theta(y|x) / pi_ema(y|x)), sequence level, detached (line 7)
+    seq_logprobs = utils.masked_sum(logprobs, mask)  # (B,)
+    kl = (seq_logprobs - utils.masked_sum(ref_logprobs, mask)).detach()
+    r_beta = scores - cfg.beta * kl
+    # 5. REINFORCE: grad of -A * log pi_theta(y|x), A = r_beta (minus an optional baseline) (line 8)
+    adv = advantages(r_beta, cfg.baseline, cfg.rloo_k).detach()
+    loss = -(adv * seq_logprobs).mean()
+    stats = {
+        "objective/scores": scores.mean().item(),
+        "objective/kl": kl.mean().item(),
+        "objective/rlhf_reward": r_beta.mean().item(),
+        "loss/policy": loss.item(),
+        "policy/entropy": utils.masked_mean(utils.entropy(logits.detach()), mask).item(),
+        "policy/completion_length": mask.sum(1).float().mean().item(),
+    }
+    rows = dict(completions=completions, mask=mask, scores=scores, kl=kl, r_beta=r_beta.detach(),
+                advantage=adv, logprob=seq_logprobs.detach())  # fmt: skip
+    return loss, stats, rows
+
+
+def train_run(
+    cfg: WarpConfig, spec: runs.RunSpec, prompts: list[list[int]], on_step=None, device=None
+) -> Path:
+    """Alg. 1, lines 3-9: T steps of REINFORCE against an EMA anchor, from theta_init.
+
+    Resumes from `run_dir/progress.pt` when present and ends with the same weights as an uninterrupted
+    run (bitwise on the CPU). `on_step(step, metrics)` is called after each step (progress, tests).
+    Returns the path of the final policy state.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    run_dir = Path(spec.run_dir)
+    final, progress = run_dir / "final.pt", run_dir / "progress.pt"
+    if final.exists():
+        return final
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=device == "cpu"
+    )
+    policy, anchor, tokenizer, reward_fn = runs.load_rl_models(cfg, accelerator.device)
+
+    # Alg. 1, line 3: theta_m <- theta_init; theta_ema_m <- theta_init
+    init = torch.load(spec.init_path, weights_only=True)
+    utils.load_state(policy, init)
+    utils.load_state(anchor, init)
+    # dropout off: the gradient must see the distribution that sampled; only the policy learns
+    policy.eval().requires_grad_(True)
+    anchor.eval().requires_grad_(False).to(accelerator.device)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1))
+    )
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+
+    # resume where an interrupted run stopped (weights, anchor, optimizer, RNG), else seed the run
+    step, history = runs.resume_run(progress, accelerator, policy, anchor, optimizer, scheduler, spec.seed)
+
+    rows_per_prompt = cfg.rloo_k if cfg.baseline == "rloo" else 1
+    batches = prompt_batches(len(prompts), cfg.batch_size // rows_per_prompt, spec.seed)
+    for _ in range(step * cfg.grad_accum):  # skip the prompt batches already used
+        next(batches)
+    bar = tqdm(total=spec.steps, initial=step, desc=run_dir.name, leave=False)
+    while step < spec.steps:
+        # Alg. 1, lines 5-8: one Adam step over grad_accum micro-batches
+        stats = []
+        for _ in range(cfg.grad_accum):
+            rows = [prompts[i] for i in next(batches) for _ in range(rows_per_prompt)]
+            prompt_ids, prompt_mask = (
+                t.to(accelerator.device) for t in utils.left_pad(rows, tokenizer.pad_token_id)
+            )
+            with accelerator.accumulate(policy), accelerator.autocast():
+                loss, s, _ = policy_loss(
+                    policy, anchor, reward_fn, prompt_ids, prompt_mask, cfg, tokenizer.eos_token_id
+                )
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            stats.append(s)
+        # Alg. 1, line 9: EMA anchor, theta_ema <- (1 - mu) * theta_ema + mu * theta
+        utils.ema_update(anchor, accelerator.unwrap_model(policy), cfg.mu)
+        step += 1
+        metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+        metrics.update(step=step, lr=scheduler.get_last_lr()[0])
+        history.append(metrics)
+        bar.update(1)
+        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
+
+        # checkpoint: enough state to continue bit for bit
+        unwrapped = accelerator.unwrap_model(policy)
+        if step in spec.save_points:
+            runs.save_pretrained_atomic(
+                unwrapped, tokenizer, run_dir / f"step{step:05d}", extra={"step": step}
+            )
+        if step % cfg.save_every == 0 and step < spec.steps:
+            runs.save_run(progress, accelerator, policy, anchor, optimizer, scheduler, step, history)
+        if on_step is not None:
+            on_step(step, metrics)
+    bar.close()
+    runs.atomic_write_text(run_dir / "metrics.json", runs.to_json(history, indent=None))
+    runs.atomic_torch_save(utils.state_of(accelerator.unwrap_model(policy)), final)
+    progress.unlink(missing_ok=True)
+    accelerator.free_memory()
+    return final
+
+
+def train_runs(
+    cfg: WarpConfig, specs: list[runs.RunSpec], prompts: list[list[int]], processes: int = 1
+) -> None:
+    """The unfinished runs of `specs`, one after another or `processes` at a time (one per GPU)."""
+    todo = [s for s in specs if not runs.run_finished(s.run_dir)]
+    runs.run_parallel(train_run, [(cfg, s, prompts) for s in todo], processes)
+
+
+def sft_init(cfg: WarpConfig, sft: nn.Module) -> Path:
+    """`out_dir/iter0/init.pt`: theta_sft as the first theta_init (written once, shared with REINFORCE)."""
+    path = Path(cfg.out_dir) / "iter0" / "init.pt"
+    if not path.exists():
+        runs.atomic_torch_save(utils.state_of(sft), path)
+    return path
+
+
+def warp(cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event=None) -> dict[str, Path]:
+    """Algorithm 1 of the WARP paper, every step saved so that a restart continues where it stopped.
+
+    Returns the folders of theta_slerp_I (the last merge) and of the final LITI policy, both
+    `save_pretrained`-loadable. `on_event(name, info)` reports finished runs and merges.
+    """
+    start, out = time.time(), Path(cfg.out_dir)
+    runs.claim_out_dir(cfg)
+    paths = {"slerp": out / "final_slerp", "liti": out / "final_liti"}
+    finished = all((p / "config.json").exists() for p in paths.values())
+    sft, tokenizer = utils.load_policy(cfg.sft)
+    sft_init(cfg, sft)  # Alg. 1, line 1: theta_init <- theta_sft
+    for i in range(cfg.iterations):  # Alg. 1, line 2
+        it = out / f"iter{i}"
+        init_path = it / "init.pt"
+        # Alg. 1, lines 3-9: M independent runs that differ only in their seed (prompt order, samples)
+        specs = [
+            runs.RunSpec(str(it / f"run{m}"), str(init_path), cfg.seed + 1000 * i + m, cfg.steps)
+            for m in range(cfg.runs)
+        ]
+        train_runs(cfg, specs, prompts, processes)
+        if on_event is not None:
+            on_event("runs", {"iteration": i, "run_dirs": [s.run_dir for s in specs]})
+        next_init = out / f"iter{i + 1}" / "init.pt"
+        if next_init.exists():
+            continue
+        # Alg. 1, line 10: theta_slerp <- slerp(theta_init, {theta_m}, lambda = 1/M)
+        init = torch.load(init_path, weights_only=True)
+        policies = [torch.load(Path(s.run_dir) / "final.pt", weights_only=True) for s in specs]
+        merged = utils.slerp(init, policies)
+        angles = utils.angle_summary(utils.task_vector_angles(init, policies)) if cfg.runs > 1 else {}
+        info = {"iteration": i, **angles}
+        runs.atomic_torch_save(merged, it / "slerp.pt")
+        runs.atomic_write_text(it / "merge.json", runs.to_json(info))
+        # Alg. 1, line 11: theta_init <- (1 - eta) * theta_init + eta * theta_slerp
+        runs.atomic_torch_save(utils.liti(init, merged, cfg.eta), next_init)
+        if on_event is not None:
+            on_event("merge", info)
+    # Alg. 1, line 12: return theta_slerp_I (and the LITI policy, the start of a next iteration)
+    last = out / f"iter{cfg.iterations - 1}"
+    states = {"slerp": last / "slerp.pt", "liti": out / f"iter{cfg.iterations}" / "init.pt"}
+    for name, state_file in states.items():
+        if not (paths[name] / "config.json").exists():
+            utils.load_state(sft, torch.load(state_file, weights_only=True))
+            runs.save_pretrained_atomic(sft, tokenizer, paths[name], extra={"kind": name, **cfg.to_dict()})
+    if not finished:
+        runs.record_minutes(out, "warp", start)
+    return paths
+
+
+def train_reinforce_baseline(cfg: WarpConfig, prompts: list[list[int]]) -> Path:
+    """Plain REINFORCE with the same EMA-anchored reward for I * M * T steps, no merging, for comparison.
+
+    Returns the folder of its last snapshot; `baseline_checkpoints` snapshots are spread along the run.
+    """
+    start, out = time.time(), Path(cfg.out_dir) / "reinforce"
+    runs.claim_out_dir(cfg)
+    finished = runs.run_finished(out)
+    total = cfg.iterations * cfg.runs * cfg.steps
+    n = cfg.baseline_checkpoints
+    points = tuple(sorted({max(1, round(total * (j + 1) / n)) for j in range(n)}))
+    init_path = sft_init(cfg, utils.load_policy(cfg.sft)[0])
+    train_run(
+        cfg, runs.RunSpec(str(out), str(init_path), cfg.seed + 999_999, total, save_points=points), prompts
+    )
+    if not finished:
+        runs.record_minutes(cfg.out_dir, "reinforce", start)
+    return out / f"step{total:05d}"
