@@ -66,6 +66,18 @@ def atomic_torch_save(obj, path: str | Path) -> None:
             os.remove(tmp)
 
 
+def save_state(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write a parameter state atomically, its tensors on the CPU (tied tensors stay shared), so that a
+    state trained on a GPU loads anywhere and meets states written on the CPU on the same device."""
+    cpu: dict[int, torch.Tensor] = {}
+    atomic_torch_save({k: cpu.setdefault(id(v), v.cpu()) for k, v in state.items()}, path)
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A parameter state written by `save_state`, on the CPU whichever device wrote it; tensors only."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `path` whole, on error it is deleted.
@@ -189,7 +201,7 @@ def load_progress(path: str | Path, accelerator=None) -> dict | None:
     path = Path(path)
     if not path.exists():
         return None
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)  # optimizers move theirs to the device
     set_rng_state(state["rng"])
     scaler = getattr(accelerator, "scaler", None)
     if scaler is not None and state.get("scaler"):
@@ -303,16 +315,47 @@ def load_rl_models(cfg, device):
 # ======================================================================================================
 
 
-def _worker(fn, args: tuple, gpu: int | None) -> None:
-    """Entry point of one parallel job in its own process, pinned to one GPU (or the CPU)."""
+def mixed_precision_for(choice: str) -> str:
+    """accelerate's mixed precision for 'auto': bf16 where the GPU computes it natively (Ampere and
+    newer), fp16 with a loss scaler on older GPUs such as the T4, none on the CPU."""
+    if choice != "auto":
+        return choice
+    if not torch.cuda.is_available():
+        return "no"
+    # without including_emulation=False a T4 (sm_75) says yes and runs bf16 emulated, without tensor cores
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+def processes_for(cfg) -> int:
+    """How many of the M runs of an iteration train at once: M when `cfg.parallel` and 2+ GPUs, else 1."""
+    return cfg.runs if cfg.parallel and torch.cuda.device_count() >= 2 else 1
+
+
+def child_gpu(index: int, parent_visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for the child that uses the parent's `index`-th visible GPU: the parent may
+    itself see only some GPUs ("2,3"), and its index 0 is then physical GPU 2."""
+    visible = [v.strip() for v in parent_visible.split(",") if v.strip()] if parent_visible else []
+    return visible[index] if visible else str(index)
+
+
+def _worker(fn, args: tuple, gpu: str | None, errors) -> None:
+    """Entry point of one parallel job in its own process, pinned to one GPU (or the CPU); a failure
+    sends its traceback to the parent, which raises it where the user is looking."""
+    import traceback
+
     if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    fn(*args, device=None if gpu is not None else "cpu")
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    try:
+        fn(*args, device=None if gpu is not None else "cpu")
+    except BaseException:
+        errors.put(traceback.format_exc())
+        raise SystemExit(1) from None
 
 
 def run_parallel(fn, jobs: list[tuple], processes: int = 1) -> None:
     """Call `fn(*job)` for each job: one after another, or `processes` at a time in spawned processes,
-    one per GPU when there are GPUs (`fn` takes a `device` keyword: "cpu", or None for the GPU it sees)."""
+    one per GPU when there are GPUs (`fn` takes a `device` keyword: "cpu", or None for the GPU it sees).
+    A failed job raises RuntimeError with the child's traceback, after the other jobs have finished."""
     if processes <= 1 or len(jobs) <= 1:
         for job in jobs:
             fn(*job)
@@ -320,15 +363,23 @@ def run_parallel(fn, jobs: list[tuple], processes: int = 1) -> None:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # CUDA cannot be shared with forked children
-    n_gpus = torch.cuda.device_count()
+    n_gpus, parent_visible = torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")
+    errors = ctx.Queue()
     for start in range(0, len(jobs), processes):
         procs = []
         for j, job in enumerate(jobs[start : start + processes]):
-            p = ctx.Process(target=_worker, args=(fn, job, j % n_gpus if n_gpus else None))
+            gpu = child_gpu(j % n_gpus, parent_visible) if n_gpus else None
+            p = ctx.Process(target=_worker, args=(fn, job, gpu, errors))
             p.start()
             procs.append(p)
         for p in procs:
             p.join()
         failed = [j for j, p in enumerate(procs, start=start) if p.exitcode != 0]
         if failed:
-            raise RuntimeError(f"parallel job(s) {failed} failed; finished work is kept, rerun to resume")
+            tracebacks = []
+            while not errors.empty():
+                tracebacks.append(errors.get())
+            raise RuntimeError(
+                f"parallel job(s) {failed} failed; finished work is kept, rerun to resume. "
+                + ("\n".join(tracebacks) or "No traceback came back (the process was killed).")
+            )

@@ -270,11 +270,14 @@ def kl_exact(logits: Tensor, ref_logits: Tensor, mask: Tensor) -> Tensor:
 
 
 def state_of(model: nn.Module) -> dict[str, Tensor]:
-    """Detached copy of a model's floating-point parameters (tied weights stay one shared tensor)."""
+    """Detached copy of a model's parameters on the CPU, wherever the model is (tied weights stay one
+    shared tensor): a state is saved, merged and compared on one device whichever device trained it."""
     copies: dict[int, Tensor] = {}
     out = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        out[name] = copies.setdefault(id(p), p.detach().clone())
+        if id(p) not in copies:
+            copies[id(p)] = p.detach().to("cpu", copy=True)
+        out[name] = copies[id(p)]
     return out
 
 
@@ -361,9 +364,9 @@ def slerp(init: dict[str, Tensor], policies: list[dict[str, Tensor]]) -> dict[st
             merged = base.clone()
         else:
             b32 = base.float()
-            delta = policies[0][key].float() - b32
+            delta = policies[0][key].to(base.device, torch.float32) - b32
             for m, pol in enumerate(policies[1:], start=2):
-                delta = _slerp_pair(delta, pol[key].float() - b32, 1.0 / m)
+                delta = _slerp_pair(delta, pol[key].to(base.device, torch.float32) - b32, 1.0 / m)
             merged = (b32 + delta).to(base.dtype)
         for k in tied:
             out[k] = merged
@@ -397,8 +400,9 @@ def task_vector_angles(init: dict[str, Tensor], policies: list[dict[str, Tensor]
     for key in _unique_keys(init):
         if not init[key].is_floating_point():
             continue
-        d1 = (policies[0][key].float() - init[key].float()).flatten()
-        d2 = (policies[1][key].float() - init[key].float()).flatten()
+        base = init[key].float()
+        d1 = (policies[0][key].to(base.device, torch.float32) - base).flatten()
+        d2 = (policies[1][key].to(base.device, torch.float32) - base).flatten()
         n1, n2 = d1.norm(), d2.norm()
         if n1 == 0 or n2 == 0:
             out[key] = float("nan")

@@ -7,6 +7,7 @@ The tensor maths (sampling, log-probs, SLERP, ...) is in `utils.py`; saving and 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,13 +27,20 @@ def training_prompts(cfg: WarpConfig, tokenizer, split: str = "train") -> list[l
 
 def prompt_batches(n_prompts: int, batch_size: int, seed: int) -> Iterator[list[int]]:
     """Alg. 1, line 5: endless batches of prompt indices, a fresh seeded permutation each epoch."""
-    epoch = 0
-    while True:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n_prompts, generator=g).tolist()
-        for i in range(0, n_prompts - batch_size + 1, batch_size):
-            yield order[i : i + batch_size]
-        epoch += 1
+    if n_prompts < batch_size:  # else not one batch fits in an epoch and the loop below never yields
+        raise ValueError(
+            f"{n_prompts} prompt(s), fewer than one micro-batch of {batch_size}: use more reviews (data), "
+            "shorter prompts (prompt_tokens) or a smaller batch_size"
+        )
+
+    def batches():
+        for epoch in itertools.count():
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            order = torch.randperm(n_prompts, generator=g).tolist()
+            for i in range(0, n_prompts - batch_size + 1, batch_size):
+                yield order[i : i + batch_size]
+
+    return batches()
 
 
 def advantages(r_beta: Tensor, baseline: str, k: int = 1) -> Tensor:
@@ -104,6 +112,8 @@ def train_run(
     final, progress = run_dir / "final.pt", run_dir / "progress.pt"
     if final.exists():
         return final
+    rows_per_prompt = cfg.rloo_k if cfg.baseline == "rloo" else 1
+    batches = prompt_batches(len(prompts), cfg.batch_size // rows_per_prompt, spec.seed)  # checks sizes
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     accelerator = Accelerator(
@@ -112,7 +122,7 @@ def train_run(
     policy, anchor, tokenizer, reward_fn = runs.load_rl_models(cfg, accelerator.device)
 
     # Alg. 1, line 3: theta_m <- theta_init; theta_ema_m <- theta_init
-    init = torch.load(spec.init_path, weights_only=True)
+    init = runs.load_state_file(spec.init_path)
     utils.load_state(policy, init)
     utils.load_state(anchor, init)
     # dropout off: the gradient must see the distribution that sampled; only the policy learns
@@ -127,8 +137,6 @@ def train_run(
     # resume where an interrupted run stopped (weights, anchor, optimizer, RNG), else seed the run
     step, history = runs.resume_run(progress, accelerator, policy, anchor, optimizer, scheduler, spec.seed)
 
-    rows_per_prompt = cfg.rloo_k if cfg.baseline == "rloo" else 1
-    batches = prompt_batches(len(prompts), cfg.batch_size // rows_per_prompt, spec.seed)
     for _ in range(step * cfg.grad_accum):  # skip the prompt batches already used
         next(batches)
     bar = tqdm(total=spec.steps, initial=step, desc=run_dir.name, leave=False)
@@ -170,7 +178,7 @@ def train_run(
             on_step(step, metrics)
     bar.close()
     runs.atomic_write_text(run_dir / "metrics.json", runs.to_json(history, indent=None))
-    runs.atomic_torch_save(utils.state_of(accelerator.unwrap_model(policy)), final)
+    runs.save_state(utils.state_of(accelerator.unwrap_model(policy)), final)
     progress.unlink(missing_ok=True)
     accelerator.free_memory()
     return final
@@ -188,7 +196,7 @@ def sft_init(cfg: WarpConfig, sft: nn.Module) -> Path:
     """`out_dir/iter0/init.pt`: theta_sft as the first theta_init (written once, shared with REINFORCE)."""
     path = Path(cfg.out_dir) / "iter0" / "init.pt"
     if not path.exists():
-        runs.atomic_torch_save(utils.state_of(sft), path)
+        runs.save_state(utils.state_of(sft), path)
     return path
 
 
@@ -219,15 +227,15 @@ def warp(cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event
         if next_init.exists():
             continue
         # Alg. 1, line 10: theta_slerp <- slerp(theta_init, {theta_m}, lambda = 1/M)
-        init = torch.load(init_path, weights_only=True)
-        policies = [torch.load(Path(s.run_dir) / "final.pt", weights_only=True) for s in specs]
+        init = runs.load_state_file(init_path)
+        policies = [runs.load_state_file(Path(s.run_dir) / "final.pt") for s in specs]
         merged = utils.slerp(init, policies)
         angles = utils.angle_summary(utils.task_vector_angles(init, policies)) if cfg.runs > 1 else {}
         info = {"iteration": i, **angles}
-        runs.atomic_torch_save(merged, it / "slerp.pt")
+        runs.save_state(merged, it / "slerp.pt")
         runs.atomic_write_text(it / "merge.json", runs.to_json(info))
         # Alg. 1, line 11: theta_init <- (1 - eta) * theta_init + eta * theta_slerp
-        runs.atomic_torch_save(utils.liti(init, merged, cfg.eta), next_init)
+        runs.save_state(utils.liti(init, merged, cfg.eta), next_init)
         if on_event is not None:
             on_event("merge", info)
     # Alg. 1, line 12: return theta_slerp_I (and the LITI policy, the start of a next iteration)
@@ -235,7 +243,7 @@ def warp(cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event
     states = {"slerp": last / "slerp.pt", "liti": out / f"iter{cfg.iterations}" / "init.pt"}
     for name, state_file in states.items():
         if not (paths[name] / "config.json").exists():
-            utils.load_state(sft, torch.load(state_file, weights_only=True))
+            utils.load_state(sft, runs.load_state_file(state_file))
             runs.save_pretrained_atomic(sft, tokenizer, paths[name], extra={"kind": name, **cfg.to_dict()})
     if not finished:
         runs.record_minutes(out, "warp", start)

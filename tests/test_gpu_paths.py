@@ -1,0 +1,147 @@
+"""What a GPU changes, tested on the CPU: states written on a GPU meet states written on the CPU, mixed
+precision is chosen by what the card computes natively, fp16's loss scale survives a resume, parallel runs
+use the GPUs the parent sees and report a child's traceback, and sizes that cannot work fail at once."""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import runs
+import utils
+import warp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def as_if_written_on_cuda(path: Path) -> None:
+    """Rewrite a torch.save file so that its tensors say they were saved from cuda:0, as a GPU run's are."""
+    src = zipfile.ZipFile(path)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                assert b"X\x03\x00\x00\x00cpu" in data  # protocol-2 pickle of the storage location 'cpu'
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            dst.writestr(item, data)
+    path.write_bytes(out.getvalue())
+
+
+def test_a_state_written_on_a_gpu_merges_with_one_written_on_the_cpu(tmp_path, make_gpt2):
+    """The crash of 02 at the end of iteration 1: final.pt from a GPU run met iter0/init.pt from the CPU.
+    States now load on the CPU whoever wrote them, and merge with CPU states."""
+    init = utils.state_of(make_gpt2(seed=0))
+    policies = [utils.state_of(make_gpt2(seed=s)) for s in (1, 2)]
+    for m, state in enumerate(policies):
+        runs.save_state(state, tmp_path / f"final{m}.pt")
+        as_if_written_on_cuda(tmp_path / f"final{m}.pt")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):  # what a plain torch.load does with such a file
+            torch.load(tmp_path / "final0.pt", weights_only=True)
+    loaded = [runs.load_state_file(tmp_path / f"final{m}.pt") for m in range(2)]
+    for state, original in zip(loaded, policies, strict=True):
+        assert all(v.device.type == "cpu" and torch.equal(v, original[k]) for k, v in state.items())
+    merged = utils.slerp(init, loaded)
+    assert all(torch.equal(merged[k], utils.slerp(init, policies)[k]) for k in merged)
+    assert 0 < utils.angle_summary(utils.task_vector_angles(init, loaded))["angle/mean"] < 180
+
+
+def test_state_of_copies_to_the_cpu_and_keeps_ties(make_gpt2):
+    model = make_gpt2(tie=True)
+    state = utils.state_of(model)
+    assert all(v.device.type == "cpu" for v in state.values())
+    assert state["transformer.wte.weight"] is state["lm_head.weight"]
+    state["transformer.wte.weight"].add_(1.0)  # a copy: the model is untouched
+    assert not torch.equal(state["lm_head.weight"], model.lm_head.weight)
+
+
+def test_every_state_file_is_loaded_onto_the_cpu():
+    """Each torch.load in our modules says where tensors go, so no file lands on the device that wrote it."""
+    for module in ("utils", "runs", "warp", "evaluation", "config"):
+        tree = ast.parse((ROOT / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                assert "map_location" in {k.arg for k in node.keywords}, f"{module}.py:{node.lineno}"
+
+
+def test_bf16_only_where_the_gpu_computes_it_natively(monkeypatch):
+    """A T4 (sm_75) reports bf16 support by emulation: 'auto' must choose fp16 there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    t4 = lambda including_emulation=True: including_emulation  # emulated only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", t4)
+    assert runs.mixed_precision_for("auto") == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # A100, H100
+    assert runs.mixed_precision_for("auto") == "bf16"
+    assert runs.mixed_precision_for("no") == "no"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runs.mixed_precision_for("auto") == "no"
+
+
+def test_fp16_loss_scale_survives_a_resume(tmp_path):
+    """The GradScaler's scale goes into the progress file and comes back: a resumed fp16 run continues
+    with the scale it had, not the initial 65536."""
+    trained = SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))
+    trained.scaler.scale(torch.ones(()))  # the first scaled loss creates the scale
+    trained.scaler.update(new_scale=37.0)
+    runs.save_progress(tmp_path / "progress.pt", trained, step=3)
+    fresh = SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))
+    state = runs.load_progress(tmp_path / "progress.pt", fresh)
+    assert state["step"] == 3 and fresh.scaler.get_scale() == 37.0
+    assert runs.load_progress(tmp_path / "missing.pt", fresh) is None
+
+
+def test_children_use_the_gpus_the_parent_sees():
+    assert runs.child_gpu(0, "2,3") == "2" and runs.child_gpu(1, "2, 3") == "3"
+    assert runs.child_gpu(1, None) == "1" and runs.child_gpu(0, "") == "0"
+
+
+def test_processes_follow_cfg_parallel(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert runs.processes_for(SimpleNamespace(runs=2, parallel=True)) == 2
+    assert runs.processes_for(SimpleNamespace(runs=2, parallel=False)) == 1
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert runs.processes_for(SimpleNamespace(runs=2, parallel=True)) == 1
+
+
+def fail_in_child(n: int, device=None) -> None:
+    """A job for `run_parallel` that fails in its own process."""
+    if n == 1:
+        raise ValueError(f"boom in job {n}")
+
+
+def test_a_failed_parallel_job_reports_its_traceback():
+    with pytest.raises(RuntimeError, match=r"(?s)job\(s\) \[1\] failed.*ValueError: boom in job 1"):
+        runs.run_parallel(fail_in_child, [(0,), (1,)], processes=2)
+
+
+def test_too_few_prompts_fail_at_once_with_what_to_change(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="fewer than one micro-batch of 4"):
+        warp.prompt_batches(3, 4, seed=0)
+    assert len(next(warp.prompt_batches(4, 4, seed=0))) == 4
+    # train_run refuses before loading a model
+    monkeypatch.setattr(runs, "load_rl_models", lambda *a: pytest.fail("loaded models"))
+    cfg = SimpleNamespace(baseline="none", rloo_k=2, batch_size=8)
+    spec = runs.RunSpec(str(tmp_path / "run"), str(tmp_path / "init.pt"), seed=0, steps=1)
+    with pytest.raises(ValueError, match="2 prompt"):
+        warp.train_run(cfg, spec, [[1, 2], [3, 4]])
+
+
+def test_02_and_04_check_on_the_device_they_train_on():
+    """02's own checks and 03/04's evaluation move every model they load to `device`."""
+    import re
+
+    for notebook in ("02_warp_training.ipynb", "03_generation_eval.ipynb", "04_mu_sweep.ipynb"):
+        cells = json.loads((ROOT / notebook).read_text())["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        for line in code.splitlines():
+            load = re.match(r"\s*(\w+)(, \w+)? = utils\.load_(policy|reward_model)\(", line)
+            if load and ".to(device)" not in line:
+                assert f"{load.group(1)}.to(device)" in code, (notebook, line)
