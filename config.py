@@ -8,6 +8,7 @@ locally. Configs are validated when made, so a bad value fails before any model 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,11 +87,28 @@ class ConfigBase:
         """Config with `preset`'s defaults, then `overrides`; unknown names are an error."""
         if preset not in PRESETS:
             raise ValueError(f"preset={preset!r}: choose one of {PRESETS} (resolve 'auto' first)")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for name in overrides:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known fields: {sorted(names)}"
+                raise ValueError(f"{cls.__name__}: unknown field {name!r} in OVERRIDES; {hint}")
         return cls(**{**cls.PRESET_DEFAULTS.get(preset, {}), "preset": preset, **overrides})
+
+    def _check_types(self) -> None:
+        """Each field holds its declared type (an int where a float is declared is fine; a bool is not a
+        number), so that "10" or 1e-4 in the wrong place fails here, not deep inside a run."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            expected = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}.get(kind)
+            if kind.startswith("tuple"):
+                expected = (tuple, list)
+            bad_bool = isinstance(value, bool) and kind in ("int", "float")
+            if expected and (bad_bool or not isinstance(value, expected)):
+                raise ValueError(
+                    f"{type(self).__name__}.{f.name}={value!r}: must be of type {kind}, "
+                    f"not {type(value).__name__}"
+                )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -109,7 +127,8 @@ class ConfigBase:
     def _require_unit(self, *names: str, open_low: bool = False) -> None:
         for n in names:
             v = getattr(self, n)
-            self._require((0 < v <= 1) if open_low else (0 <= v <= 1), n, "must lie in [0, 1]")
+            rule = "must lie in (0, 1]" if open_low else "must lie in [0, 1]"
+            self._require((0 < v <= 1) if open_low else (0 <= v <= 1), n, rule)
 
 
 @dataclass
@@ -204,12 +223,15 @@ class WarpConfig(ConfigBase):
     }
 
     def __post_init__(self):
+        self._check_types()
         self._require(self.preset in PRESETS, "preset", f"one of {PRESETS}")
         self._require_positive("iterations", "runs", "steps", "batch_size", "grad_accum", "lr")
         self._require_positive("temperature", "prompt_tokens", "max_new_tokens", "reward_batch_size")
+        self._require_positive("reward_max_length")
         self._require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         self._require(self.beta >= 0, "beta", "must be >= 0")
-        self._require_unit("mu", "eta")
+        self._require_unit("mu", open_low=True)  # mu = 0 would freeze the anchor at theta_init
+        self._require_unit("eta")
         self._require(self.baseline in ("none", "mean", "rloo"), "baseline", "'none', 'mean' or 'rloo'")
         self._require(self.rloo_k >= 2 or self.baseline != "rloo", "rloo_k", "must be >= 2 for RLOO")
         self._require(
@@ -252,8 +274,9 @@ class EvalConfig(ConfigBase):
     }
 
     def __post_init__(self):
+        self.etas = tuple(self.etas)
+        self._check_types()
         self._require(self.preset in PRESETS, "preset", f"one of {PRESETS}")
         self._require_positive("n_prompts", "prompt_tokens", "samples_per_prompt", "max_new_tokens")
         self._require_positive("temperature", "batch_size")
-        self.etas = tuple(self.etas)
         self._require(all(0 <= e <= 1 for e in self.etas) and len(self.etas) > 0, "etas", "values in [0, 1]")

@@ -310,6 +310,14 @@ def load_rl_models(cfg, device):
     return policy, anchor, tokenizer, reward_fn
 
 
+def speed(start: float) -> dict[str, float]:
+    """Wall seconds since `start` (a time.perf_counter) and, on a GPU, the peak memory so far (GiB)."""
+    out = {"time/step_seconds": time.perf_counter() - start}
+    if torch.cuda.is_available():
+        out["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
 # ======================================================================================================
 # Parallel runs
 # ======================================================================================================

@@ -77,22 +77,39 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
 
 def load_policy(source: str, dtype: torch.dtype = torch.float32):
     """Causal LM and its tokenizer (left padding, pad = EOS when missing) from a Hub id or folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    kind = AutoConfig.from_pretrained(source)
+    if not any(a.endswith(("LMHeadModel", "ForCausalLM")) for a in kind.architectures or ["ForCausalLM"]):
+        raise ValueError(
+            f"{source} holds a {kind.architectures[0]}, not a causal language model: sft must be one"
+        )
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"{source}: the tokenizer has neither a pad nor an EOS token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"{source}: the tokenizer has {len(tokenizer)} tokens, the policy's embedding {rows}"
+        )
     return model, tokenizer
 
 
 def load_reward_model(source: str, dtype: torch.dtype = torch.float32):
     """Sequence classifier with one output (the reward) and its tokenizer, in eval mode, frozen."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+    outputs = AutoConfig.from_pretrained(source).num_labels
+    if outputs != 1:
+        raise ValueError(
+            f"{source} has {outputs} outputs; a reward model has one (01 saves one): run 01 first"
+        )
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype)
     model.eval().requires_grad_(False)
     return model, tokenizer
 

@@ -142,7 +142,7 @@ def train_run(
     bar = tqdm(total=spec.steps, initial=step, desc=run_dir.name, leave=False)
     while step < spec.steps:
         # Alg. 1, lines 5-8: one Adam step over grad_accum micro-batches
-        stats = []
+        stats, step_start = [], time.perf_counter()
         for _ in range(cfg.grad_accum):
             rows = [prompts[i] for i in next(batches) for _ in range(rows_per_prompt)]
             prompt_ids, prompt_mask = (
@@ -161,7 +161,7 @@ def train_run(
         utils.ema_update(anchor, accelerator.unwrap_model(policy), cfg.mu)
         step += 1
         metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-        metrics.update(step=step, lr=scheduler.get_last_lr()[0])
+        metrics.update(step=step, lr=scheduler.get_last_lr()[0], **runs.speed(step_start))
         history.append(metrics)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")

@@ -1,0 +1,193 @@
+"""One-call check of the `imdb` preset at its real shapes, on whatever machine runs it.
+
+GPT-2 small (12 layers, 768 wide, 50,257 tokens) and a DistilBERT-base-shaped reward encoder, built from
+their configs with random weights, GPT-2's real tokenizer and real IMDb reviews from `../shared/data`
+(no Hub needed). It runs the four notebooks top to bottom through papermill:
+
+- 01 for a few hundred steps at the imdb settings, in fp16 and, where the GPU computes it natively, bf16;
+- 02 with I = 2, M = 2, T = 10 at batch 32 x 2 (gradient accumulation 2) through SLERP and LITI, plus the
+  REINFORCE baseline (the M runs in parallel when there are 2 or more GPUs);
+- 03 and 04 at small sizes;
+
+then prints the GPU, torch and CUDA versions and, per stage: wall time, time per step, generated tokens/s,
+peak GPU memory, and the projected time of each notebook at its imdb defaults (from the measured step
+times). The table also goes to `<out>/gpu_check.json` and `<out>/gpu_check.md`.
+
+    python bench/gpu_check.py                  # the check, about 8 minutes on one GPU
+    python bench/gpu_check.py --smoke          # one step of everything: what the CPU test runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import imdb_shaped  # noqa: E402
+
+# What each stage runs: the check's own sizes, and the smoke test's one step of everything.
+CHECK = {
+    "01": dict(epochs=1, batch_size=16, batches_per_epoch=300, val_pairs=256, eval_batch_size=64, max_length=512),
+    "02": dict(iterations=2, runs=2, steps=10, batch_size=32, grad_accum=2, baseline_checkpoints=2),
+    "02_eval_prompts": 16,
+    "03": dict(n_prompts=16, samples_per_prompt=2, etas=[0.0, 0.5, 1.0]),
+    "04": dict(iterations=1, runs=2, steps=5, batch_size=32, grad_accum=2),
+    "04_mus": [0.025],
+    "04_eval": dict(n_prompts=16, samples_per_prompt=2),
+}
+SMOKE = {
+    "01": dict(epochs=1, batch_size=2, batches_per_epoch=2, val_pairs=4, eval_batch_size=8, max_length=512),
+    "02": dict(
+        iterations=2, runs=2, steps=1, batch_size=2, grad_accum=2, max_new_tokens=8, reward_batch_size=4,
+        baseline_checkpoints=1,
+    ),  # fmt: skip
+    "02_eval_prompts": 2,
+    "03": dict(n_prompts=2, samples_per_prompt=1, max_new_tokens=8, etas=[0.0, 1.0]),
+    "04": dict(iterations=1, runs=2, steps=1, batch_size=2, grad_accum=1, max_new_tokens=8, reward_batch_size=4),
+    "04_mus": [0.025],
+    "04_eval": dict(n_prompts=2, samples_per_prompt=1, max_new_tokens=8),
+}
+# The imdb defaults the projections are for (01's RewardConfig, WarpConfig, EvalConfig, 04's MUS).
+IMDB_01_STEPS, IMDB_01_VAL_PAIRS, IMDB_01_EPOCHS = 15 * 1000, 6400, 15
+IMDB_02_STEPS = 2 * 2 * 100 * 2  # I x M x T of WARP, and as many REINFORCE steps
+IMDB_03_SEQUENCES = (4 + 11 + 5) * 100 * 4  # (models + eta points + REINFORCE checkpoints) x prompts x samples
+IMDB_04_STEPS, IMDB_04_SEQUENCES = 3 * 2 * 2 * 100, 4 * 100 * 4
+
+
+def machine() -> dict[str, str]:
+    """The accelerator, torch and CUDA versions."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+    return {
+        "gpu": gpu,
+        "gpus": str(torch.cuda.device_count()),
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+    }
+
+
+def native_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def run_notebook(name: str, work: Path, **parameters) -> float:
+    """Execute `name`.ipynb on the imdb preset with papermill; return its wall seconds."""
+    import os
+
+    import papermill
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    start = time.time()
+    papermill.execute_notebook(
+        str(ROOT / f"{name}.ipynb"), str(work / f"{name}.out.ipynb"), cwd=str(work), kernel_name="python3",
+        progress_bar=False, parameters={"PRESET": "imdb", "CHECKPOINTS": str(work / "ck"), **parameters},
+    )  # fmt: skip
+    return time.time() - start
+
+
+def rl_speed(run_dirs: list[Path], rows_per_step: int) -> dict[str, float]:
+    """Median seconds per RL step, generated tokens/s and peak GPU memory over the runs' metrics."""
+    steps = [h for d in run_dirs for h in json.loads((d / "metrics.json").read_text())]
+    seconds = statistics.median(h["time/step_seconds"] for h in steps)
+    tokens = statistics.mean(h["policy/completion_length"] for h in steps) * rows_per_step
+    peak = max((h.get("memory/peak_gib", 0.0) for h in steps), default=0.0)
+    return {"s/step": seconds, "tokens/s": tokens / seconds, "peak GiB": peak or None, "steps": len(steps)}
+
+
+def run_check(out: Path, sizes: dict, shared: Path | None = None) -> dict:
+    """Build the imdb-shaped assets in `out`, run the four notebooks on them, return the measurements."""
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    assets = imdb_shaped.build_assets(out / "assets", shared or imdb_shaped.SHARED)
+    result = {"machine": machine(), "assets_seconds": time.time() - start, "stages": {}}
+    stages = result["stages"]
+    ck = out / "ck"
+
+    # 01: fp16 (or none on the CPU), then bf16 where it is native
+    reward = dict(reward_base=assets["reward_base"], data=assets["data"], **sizes["01"])
+    precisions = ["auto"] + (["bf16"] if native_bf16() else [])
+    for precision in precisions:
+        folder = "reward_model" if precision == "auto" else f"reward_model_{precision}"
+        overrides = {**reward, "mixed_precision": precision, "out_dir": str(ck / folder)}
+        wall = run_notebook("01_reward_model", out, OVERRIDES=overrides)
+        m = json.loads((ck / folder / "metrics.json").read_text())
+        step = (m["train_seconds"] - m["val_seconds"]) / m["steps"]
+        val_per_pair = m["val_seconds"] / ((m["epochs"] + 1) * m["val_pairs"])  # epoch 0 is validated too
+        stages[f"01 ({m['mixed_precision']})"] = {
+            "wall s": wall, "s/step": step, "peak GiB": m["peak_gpu_memory_gib"], "steps": m["steps"],
+            "projected imdb min": (step * IMDB_01_STEPS + val_per_pair * IMDB_01_VAL_PAIRS * (IMDB_01_EPOCHS + 1)) / 60,
+        }  # fmt: skip
+
+    # 02: WARP and the REINFORCE baseline
+    warp_cfg = dict(sft=assets["sft"], data=assets["data"], **sizes["02"])
+    wall = run_notebook("02_warp_training", out, OVERRIDES=warp_cfg, EVAL_PROMPTS=sizes["02_eval_prompts"])
+    rows = warp_cfg["batch_size"] * warp_cfg["grad_accum"]
+    runs_02 = sorted((ck / "warp").glob("iter*/run*")) + [ck / "warp" / "reinforce"]
+    speed = rl_speed(runs_02, rows)
+    stages["02"] = {"wall s": wall, **speed, "projected imdb min": speed["s/step"] * IMDB_02_STEPS / 60}
+
+    # 03: evaluation of everything 02 wrote
+    wall = run_notebook("03_generation_eval", out, OVERRIDES=sizes["03"])
+    n_eval = len(json.loads((ck / "eval" / "headline.json").read_text())["pareto"]) + 4
+    sequences = n_eval * sizes["03"]["n_prompts"] * sizes["03"]["samples_per_prompt"]
+    stages["03"] = {"wall s": wall, "projected imdb min": wall / sequences * IMDB_03_SEQUENCES / 60}
+
+    # 04: the mu sweep, small
+    sweep = dict(sft=assets["sft"], data=assets["data"], **sizes["04"])
+    wall = run_notebook(
+        "04_mu_sweep", out, MUS=sizes["04_mus"], OVERRIDES=sweep, EVAL_OVERRIDES=sizes["04_eval"]
+    )
+    speed = rl_speed(sorted((ck / "mu_sweep").glob("mu=*/iter*/run*")), sweep["batch_size"] * sweep["grad_accum"])
+    stages["04"] = {"wall s": wall, **speed, "projected imdb min": speed["s/step"] * IMDB_04_STEPS / 60}
+    result["total_seconds"] = time.time() - start
+    result["disk_gb"] = sum(p.stat().st_size for p in ck.rglob("*") if p.is_file()) / 1e9
+    return result
+
+
+def table(result: dict) -> str:
+    """The measurements as a markdown table, with the machine on top."""
+    m = result["machine"]
+    cols = ["wall s", "s/step", "tokens/s", "peak GiB", "projected imdb min"]
+    fmt = lambda v: "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = [
+        f"GPU: {m['gpu']} (x{m['gpus']}), torch {m['torch']}, CUDA {m['cuda']}; "
+        f"total {result['total_seconds'] / 60:.1f} min, checkpoints {result['disk_gb']:.1f} GB",
+        "",
+        "| stage | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    for stage, row in result["stages"].items():
+        lines.append(f"| {stage} | " + " | ".join(fmt(row.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/gpu_check", help="working folder (assets, checkpoints, results)")
+    parser.add_argument("--smoke", action="store_true", help="one step of every stage (the CPU test)")
+    parser.add_argument("--shared", default=None, help="folder with gpt2_tokenizer/ and imdb_train_4k.jsonl")
+    args = parser.parse_args(argv)
+    shared = Path(args.shared) if args.shared else None
+    reason = imdb_shaped.missing_shared(shared or imdb_shaped.SHARED)
+    if reason:
+        raise SystemExit(reason)
+    out = Path(args.out)
+    result = run_check(out, SMOKE if args.smoke else CHECK, shared)
+    text = table(result)
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+    (out / "gpu_check.md").write_text(text + "\n")
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
