@@ -7,6 +7,7 @@ and `warp.py` reads like the paper. 01 and 02 resume through the same `save_prog
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -24,15 +25,45 @@ from torch import nn
 import utils
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file so that a crash leaves either the old file or the new one, never half of one."""
+def _disk_full(path: Path, error: BaseException) -> OSError | None:
+    """A plain message for a write that failed because the disk is full; None for any other failure."""
+    if getattr(error, "errno", None) != errno.ENOSPC and "No space left" not in str(error):
+        return None
+    return OSError(
+        errno.ENOSPC,
+        f"disk full while writing {path}: nothing was replaced, the previous version (if any) is intact; "
+        f"free space (e.g. delete finished runs you have pushed) and rerun to continue",
+    )
+
+
+@contextmanager
+def _atomic_file(path: str | Path, mode: str) -> Iterator:
+    """An open temporary file beside `path`: flushed, fsynced and renamed onto `path` on success (so a crash
+    leaves the old file or the new one, never half of one), deleted on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # durable before it replaces anything
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be read and shared
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        full = _disk_full(path, e)
+        if full is None:
+            raise
+        raise full from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically and durably."""
+    with _atomic_file(path, "w") as f:
         f.write(text)
-        tmp = f.name
-    os.chmod(tmp, 0o644)  # tempfile makes it private; results are meant to be read and shared
-    os.replace(tmp, path)
 
 
 def to_json(obj, indent: int | None = 2) -> str:
@@ -53,17 +84,9 @@ def to_json(obj, indent: int | None = 2) -> str:
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """torch.save through a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save atomically and durably (see `_atomic_file`)."""
+    with _atomic_file(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_state(state: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -74,8 +97,17 @@ def save_state(state: dict[str, torch.Tensor], path: str | Path) -> None:
 
 
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A parameter state written by `save_state`, on the CPU whichever device wrote it; tensors only."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A parameter state written by `save_state`, on the CPU whichever device wrote it; tensors only.
+    A damaged file (truncated, overwritten) is an error that names it and says how to recover."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise RuntimeError(
+            f"{path} is damaged or incomplete ({type(e).__name__}: {e}); delete it and rerun: the step that "
+            "wrote it runs again"
+        ) from e
 
 
 @contextmanager
@@ -93,6 +125,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for file in tmp.rglob("*"):  # durable before it replaces anything
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
     old = path.with_name(f".{path.name}.old")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -187,21 +223,49 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def previous(path: str | Path) -> Path:
+    """Where `save_progress` keeps the checkpoint before the last one (used if the last is damaged)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
 def save_progress(path: str | Path, accelerator=None, **state) -> None:
     """Write the resumable state of a training loop atomically, with every RNG state and, in fp16, the
-    GradScaler's loss scale (else a resumed run would restart at the initial scale)."""
+    GradScaler's loss scale (else a resumed run would restart at the initial scale). The checkpoint it
+    replaces is kept as `previous(path)`, the fallback if this one turns out damaged."""
     scaler = getattr(accelerator, "scaler", None)
     extra = {"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}
-    atomic_torch_save({**state, **extra}, path)
+    path = Path(path)
+    with _atomic_file(path.with_name(path.name + ".new"), "wb") as f:
+        torch.save({**state, **extra}, f)
+    if path.exists():
+        os.replace(path, previous(path))
+    os.replace(path.with_name(path.name + ".new"), path)
 
 
 def load_progress(path: str | Path, accelerator=None) -> dict | None:
-    """What `save_progress` wrote, or None when there is nothing to resume. Restores the RNG states and
-    the GradScaler, so call it where the interrupted loop stood: after setup, right before it continues."""
+    """What `save_progress` wrote, or None when there is nothing to resume; a damaged file falls back to
+    the one before it, with a warning. Restores the RNG states and the GradScaler, so call it where the
+    interrupted loop stood: after setup, right before it continues."""
+    import warnings
+
     path = Path(path)
-    if not path.exists():
+    candidates = [p for p in (path, previous(path)) if p.exists()]
+    if not candidates:
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)  # optimizers move theirs to the device
+    errors = []
+    for candidate in candidates:
+        try:
+            state = torch.load(candidate, map_location="cpu", weights_only=False)  # optimizers move theirs
+            break
+        except Exception as e:
+            errors.append(f"{candidate} is damaged ({type(e).__name__}: {e})")
+    else:
+        raise RuntimeError(
+            "; ".join(errors) + ". Nothing to resume from: delete them to start this run from its beginning"
+        )
+    if errors:
+        warnings.warn(f"{errors[0]}; resuming from the checkpoint before it, {candidate}", stacklevel=2)
     set_rng_state(state["rng"])
     scaler = getattr(accelerator, "scaler", None)
     if scaler is not None and state.get("scaler"):
@@ -308,6 +372,34 @@ def load_rl_models(cfg, device):
         reward_model, reward_tokenizer, tokenizer, cfg.reward_batch_size, cfg.reward_max_length
     )
     return policy, anchor, tokenizer, reward_fn
+
+
+# What a non-finite logged statistic means, in the order they are checked.
+_FINITE = {"objective/scores": "reward", "objective/kl": "log-prob (KL to the anchor)", "loss/policy": "loss"}
+
+
+def check_finite(stats: dict[str, float], step: int, progress: Path) -> None:
+    """Stop a run at the first NaN or inf in its reward, log-probs or loss, naming it and the step, before
+    it reaches the weights; the last progress checkpoint stays what a rerun resumes from."""
+    for key, name in _FINITE.items():
+        if not math.isfinite(stats[key]):
+            last = (
+                f"{progress} (step {torch.load(progress, map_location='cpu', weights_only=False)['step']})"
+                if progress.exists()
+                else None
+            )
+            raise FloatingPointError(
+                f"step {step}: the {name} is {stats[key]} ({key}); nothing of this step was applied. "
+                f"The last good state is {last or 'theta_init (no progress checkpoint yet)'}: find the cause "
+                "(a reward model that returns NaN, too high an lr, fp16 overflow) and rerun to resume from it"
+            )
+
+
+def check_finite_state(state: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse a weight state with a NaN or inf (e.g. a merge of a diverged run), naming the tensor."""
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise FloatingPointError(f"{what}: tensor {key} holds NaN or inf; it was not saved")
 
 
 def speed(start: float) -> dict[str, float]:

@@ -44,10 +44,25 @@ def load_reviews(source: str, split: str):
     elif source.startswith((".", "/", "~")) or path.suffix in _DATA_SUFFIXES:
         raise FileNotFoundError(f"data={source!r}: no such local file or folder")
     else:
-        ds = load_dataset(source, split=split)
+        try:
+            ds = load_dataset(source, split=split)
+        except Exception as e:
+            raise FileNotFoundError(
+                f"data={source!r}: no such local file or folder, and no Hub data set could be loaded "
+                f"({type(e).__name__}); give a .jsonl/.csv/.parquet file, a folder, or a Hub id such as "
+                "stanfordnlp/imdb (with internet)"
+            ) from e
     missing = {"text", "label"} - set(ds.column_names)
     if missing:
         raise ValueError(f"{source}: the data set lacks column(s) {sorted(missing)}; IMDb's are text, label")
+    if len(ds) == 0:
+        raise ValueError(f"{source}: the '{split}' split is empty")
+    labels = set(ds.unique("label"))
+    if not labels <= {0, 1}:  # IMDb's 'unsupervised' split has -1
+        raise ValueError(
+            f"{source} ('{split}'): labels {sorted(labels - {0, 1})}; reviews must be labelled 0 (negative) "
+            "or 1 (positive), so use a labelled split (IMDb's train or test, not unsupervised)"
+        )
     return ds.map(lambda row: {"text": clean_review(row["text"])})
 
 

@@ -20,9 +20,12 @@ import utils
 from config import WarpConfig
 
 
-def training_prompts(cfg: WarpConfig, tokenizer, split: str = "train") -> list[list[int]]:
-    """The prompts x of Alg. 1: the first `prompt_tokens` tokens of each review of `split`."""
-    return utils.cut_prompts(utils.load_reviews(cfg.data, split)["text"], tokenizer, cfg.prompt_tokens)
+def training_prompts(cfg: WarpConfig, tokenizer, split: str = "train") -> tuple[list[list[int]], int]:
+    """The prompts x of Alg. 1, the first `prompt_tokens` tokens of each review of `split`, and how many
+    reviews were too short for a prompt (dropped)."""
+    texts = utils.load_reviews(cfg.data, split)["text"]
+    prompts = utils.cut_prompts(texts, tokenizer, cfg.prompt_tokens)
+    return prompts, len(texts) - len(prompts)
 
 
 def prompt_batches(n_prompts: int, batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -152,6 +155,7 @@ def train_run(
                 loss, s, _ = policy_loss(
                     policy, anchor, reward_fn, prompt_ids, prompt_mask, cfg, tokenizer.eos_token_id
                 )
+                runs.check_finite(s, step + 1, progress)  # a NaN stops the run before it reaches the weights
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()
@@ -180,6 +184,7 @@ def train_run(
     runs.atomic_write_text(run_dir / "metrics.json", runs.to_json(history, indent=None))
     runs.save_state(utils.state_of(accelerator.unwrap_model(policy)), final)
     progress.unlink(missing_ok=True)
+    runs.previous(progress).unlink(missing_ok=True)
     accelerator.free_memory()
     return final
 
@@ -207,6 +212,7 @@ def warp(cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event
     `save_pretrained`-loadable. `on_event(name, info)` reports finished runs and merges.
     """
     start, out = time.time(), Path(cfg.out_dir)
+    prompt_batches(len(prompts), cfg.batch_size // (cfg.rloo_k if cfg.baseline == "rloo" else 1), cfg.seed)
     runs.claim_out_dir(cfg)
     paths = {"slerp": out / "final_slerp", "liti": out / "final_liti"}
     finished = all((p / "config.json").exists() for p in paths.values())
@@ -230,6 +236,7 @@ def warp(cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event
         init = runs.load_state_file(init_path)
         policies = [runs.load_state_file(Path(s.run_dir) / "final.pt") for s in specs]
         merged = utils.slerp(init, policies)
+        runs.check_finite_state(merged, f"the SLERP merge of iteration {i}")
         angles = utils.angle_summary(utils.task_vector_angles(init, policies)) if cfg.runs > 1 else {}
         info = {"iteration": i, **angles}
         runs.save_state(merged, it / "slerp.pt")

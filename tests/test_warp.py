@@ -35,7 +35,7 @@ def make_cfg(assets, out_dir, **kw):
 
 def prompts_of(cfg):
     _, tok = utils.load_policy(cfg.sft)
-    return warp.training_prompts(cfg, tok)
+    return warp.training_prompts(cfg, tok)[0]
 
 
 def expected_target_prob(policy, prompt_ids, prompt_mask, target, temperature):
