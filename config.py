@@ -280,3 +280,37 @@ class EvalConfig(ConfigBase):
         self._require_positive("n_prompts", "prompt_tokens", "samples_per_prompt", "max_new_tokens")
         self._require_positive("temperature", "batch_size")
         self._require(all(0 <= e <= 1 for e in self.etas) and len(self.etas) > 0, "etas", "values in [0, 1]")
+
+
+def check_mus(mus) -> list[float]:
+    """04's list of EMA rates: non-empty, no repeats, each in (0, 1] (as WarpConfig.mu)."""
+    mus = list(mus) if isinstance(mus, (list, tuple)) else [mus]
+    if not mus:
+        raise ValueError("MUS=[]: give one or more EMA rates in (0, 1], e.g. [0.01, 0.025, 0.05]")
+    repeated = sorted({mu for mu in mus if mus.count(mu) > 1})
+    if repeated:
+        raise ValueError(f"MUS={mus!r}: {repeated} appear more than once; each mu is trained once")
+    bad = [mu for mu in mus if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 < mu <= 1]
+    if bad:
+        raise ValueError(f"MUS={mus!r}: {bad} not in (0, 1]; mu is the anchor's EMA rate")
+    return mus
+
+
+def check_fits_models(cfg: WarpConfig, reward_model: str) -> None:
+    """Settings that depend on the models, checked from their config files before any weights load: a
+    prompt plus its completion must fit the policy's context, reward_max_length the reward model's."""
+    from transformers import AutoConfig
+
+    policy = AutoConfig.from_pretrained(cfg.sft)
+    context = getattr(policy, "n_positions", None) or getattr(policy, "max_position_embeddings", None)
+    if context and cfg.prompt_tokens + cfg.max_new_tokens > context:
+        raise ValueError(
+            f"WarpConfig: prompt_tokens + max_new_tokens = {cfg.prompt_tokens} + {cfg.max_new_tokens} "
+            f"exceeds the policy's context of {context} tokens ({cfg.sft}); shorten one of them"
+        )
+    limit = getattr(AutoConfig.from_pretrained(reward_model), "max_position_embeddings", None)
+    if limit and cfg.reward_max_length > limit:
+        raise ValueError(
+            f"WarpConfig.reward_max_length={cfg.reward_max_length}: the reward model ({reward_model}) "
+            f"reads at most {limit} tokens; set reward_max_length <= {limit}"
+        )

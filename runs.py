@@ -179,14 +179,24 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None, path_in_rep
     return f"saved in {folder} and pushed to https://huggingface.co/{repo_id}/{path_in_repo}"
 
 
-def resolve_checkpoint(source: str, subfolder: str = "") -> str:
-    """A local folder for `source`: itself if it exists, else a download of the Hub repo (subfolder)."""
-    local = Path(source) / subfolder if subfolder else Path(source)
+def resolve_checkpoint(source: str, subfolder: str = "", hint: str = "") -> str:
+    """A local folder for `source`: itself if it exists, else a download of the Hub repo (subfolder).
+    A missing folder (absolute, relative to an existing folder, or starting with . or ~) is not sent to
+    the Hub as a repo id; either way a failure says what was looked for and `hint`, what to do."""
+    local = Path(source).expanduser() / subfolder if subfolder else Path(source).expanduser()
     if local.exists():
         return str(local)
+    looks_local = source.startswith((".", "/", "~")) or Path(source).parent.exists() or source.count("/") != 1
+    if looks_local:
+        raise FileNotFoundError(f"no checkpoint at {local}. {hint}".strip())
     from huggingface_hub import snapshot_download
 
-    root = snapshot_download(source, allow_patterns=[f"{subfolder}/*"] if subfolder else None)
+    try:
+        root = snapshot_download(source, allow_patterns=[f"{subfolder}/*"] if subfolder else None)
+    except Exception as e:
+        raise FileNotFoundError(
+            f"{source}: not a local folder, nor on the Hub ({type(e).__name__}). {hint}".strip()
+        ) from e
     return str(Path(root) / subfolder) if subfolder else root
 
 
@@ -359,6 +369,20 @@ def record_minutes(out_dir: str | Path, key: str, start: float) -> None:
     timing = stage_minutes(out_dir)
     timing[key] = timing.get(key, 0.0) + (time.time() - start) / 60
     atomic_write_text(Path(out_dir) / "timing.json", to_json(timing))
+
+
+def check_reward_model(reward_model: nn.Module, tokenizer, texts: list[str], source: str) -> None:
+    """Refuse a reward model that gives every review the same score (a failed or untrained 01): WARP would
+    learn nothing from it, silently."""
+    scores = utils.score_texts(reward_model, tokenizer, texts, batch_size=len(texts))
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"the reward model at {source} returns NaN or inf; rerun 01 (e.g. with a lower lr)")
+    if scores.max() - scores.min() < 1e-6:
+        raise ValueError(
+            f"the reward model at {source} gives all {len(texts)} test reviews the same score "
+            f"({scores[0].item():.4g}): 01 failed or never trained it; rerun 01, or point reward_model "
+            "(REWARD_MODEL) at a working one"
+        )
 
 
 def load_rl_models(cfg, device):

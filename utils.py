@@ -34,13 +34,15 @@ def load_reviews(source: str, split: str):
     path = Path(source)
     if path.is_dir() and (path / "dataset_dict.json").exists():
         ds = load_from_disk(str(path))[split]
-    elif path.is_dir():
-        files = {p.stem.split("-")[0]: str(p) for p in sorted(path.iterdir()) if p.suffix in _DATA_SUFFIXES}
-        if split not in files:
+    elif path.exists():
+        files = {p.stem.split("-")[0]: p for p in sorted(path.glob("*")) if p.suffix in _DATA_SUFFIXES}
+        file = path if path.is_file() else files.get(split)
+        if file is None:
             raise FileNotFoundError(f"no '{split}' file (.jsonl/.json/.csv/.parquet) in {path}")
-        ds = load_dataset(_DATA_SUFFIXES[Path(files[split]).suffix], data_files={split: files[split]})[split]
-    elif path.is_file():
-        ds = load_dataset(_DATA_SUFFIXES[path.suffix], data_files={split: str(path)})[split]
+        try:
+            ds = load_dataset(_DATA_SUFFIXES[file.suffix], data_files={split: str(file)})[split]
+        except ValueError as e:  # datasets' way of saying the file holds no rows
+            raise ValueError(f"{source}: the '{split}' split is empty ({e})") from e
     elif source.startswith((".", "/", "~")) or path.suffix in _DATA_SUFFIXES:
         raise FileNotFoundError(f"data={source!r}: no such local file or folder")
     else:
@@ -145,27 +147,16 @@ def sampling_config(max_new_tokens: int, temperature: float, eos_token_id: int, 
     from transformers import GenerationConfig
 
     return GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )  # fmt: skip
 
 
 @torch.no_grad()
 def sample_completions(
-    policy: nn.Module,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    eos_token_id: int,
-    pad_token_id: int | None = None,
-) -> tuple[Tensor, Tensor]:
+    policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, temperature: float,
+    eos_token_id: int, pad_token_id: int | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Sample completions of left-padded prompts; return (B, L) completion ids and (B, L) mask.
 
     The mask keeps tokens up to and including the first EOS: `generate` pads finished rows, and those

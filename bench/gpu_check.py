@@ -33,7 +33,9 @@ from bench import imdb_shaped  # noqa: E402
 
 # What each stage runs: the check's own sizes, and the smoke test's one step of everything.
 CHECK = {
-    "01": dict(epochs=1, batch_size=16, batches_per_epoch=300, val_pairs=256, eval_batch_size=64, max_length=512),
+    "01": dict(
+        epochs=1, batch_size=16, batches_per_epoch=300, val_pairs=256, eval_batch_size=64, max_length=512
+    ),
     "02": dict(iterations=2, runs=2, steps=10, batch_size=32, grad_accum=2, baseline_checkpoints=2),
     "02_eval_prompts": 16,
     "03": dict(n_prompts=16, samples_per_prompt=2, etas=[0.0, 0.5, 1.0]),
@@ -44,19 +46,29 @@ CHECK = {
 SMOKE = {
     "01": dict(epochs=1, batch_size=2, batches_per_epoch=2, val_pairs=4, eval_batch_size=8, max_length=512),
     "02": dict(
-        iterations=2, runs=2, steps=1, batch_size=2, grad_accum=2, max_new_tokens=8, reward_batch_size=4,
+        iterations=2,
+        runs=2,
+        steps=1,
+        batch_size=2,
+        grad_accum=2,
+        max_new_tokens=8,
+        reward_batch_size=4,
         baseline_checkpoints=1,
     ),  # fmt: skip
     "02_eval_prompts": 2,
     "03": dict(n_prompts=2, samples_per_prompt=1, max_new_tokens=8, etas=[0.0, 1.0]),
-    "04": dict(iterations=1, runs=2, steps=1, batch_size=2, grad_accum=1, max_new_tokens=8, reward_batch_size=4),
+    "04": dict(
+        iterations=1, runs=2, steps=1, batch_size=2, grad_accum=1, max_new_tokens=8, reward_batch_size=4
+    ),
     "04_mus": [0.025],
     "04_eval": dict(n_prompts=2, samples_per_prompt=1, max_new_tokens=8),
 }
 # The imdb defaults the projections are for (01's RewardConfig, WarpConfig, EvalConfig, 04's MUS).
 IMDB_01_STEPS, IMDB_01_VAL_PAIRS, IMDB_01_EPOCHS = 15 * 1000, 6400, 15
 IMDB_02_STEPS = 2 * 2 * 100 * 2  # I x M x T of WARP, and as many REINFORCE steps
-IMDB_03_SEQUENCES = (4 + 11 + 5) * 100 * 4  # (models + eta points + REINFORCE checkpoints) x prompts x samples
+IMDB_03_SEQUENCES = (
+    (4 + 11 + 5) * 100 * 4
+)  # (models + eta points + REINFORCE checkpoints) x prompts x samples
 IMDB_04_STEPS, IMDB_04_SEQUENCES = 3 * 2 * 2 * 100, 4 * 100 * 4
 
 
@@ -146,7 +158,9 @@ def run_check(out: Path, sizes: dict, shared: Path | None = None) -> dict:
     wall = run_notebook(
         "04_mu_sweep", out, MUS=sizes["04_mus"], OVERRIDES=sweep, EVAL_OVERRIDES=sizes["04_eval"]
     )
-    speed = rl_speed(sorted((ck / "mu_sweep").glob("mu=*/iter*/run*")), sweep["batch_size"] * sweep["grad_accum"])
+    speed = rl_speed(
+        sorted((ck / "mu_sweep").glob("mu=*/iter*/run*")), sweep["batch_size"] * sweep["grad_accum"]
+    )
     stages["04"] = {"wall s": wall, **speed, "projected imdb min": speed["s/step"] * IMDB_04_STEPS / 60}
     result["total_seconds"] = time.time() - start
     result["disk_gb"] = sum(p.stat().st_size for p in ck.rglob("*") if p.is_file()) / 1e9
@@ -171,8 +185,12 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/gpu_check", help="working folder (assets, checkpoints, results)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", default="runs/gpu_check", help="working folder (assets, checkpoints, results)"
+    )
     parser.add_argument("--smoke", action="store_true", help="one step of every stage (the CPU test)")
     parser.add_argument("--shared", default=None, help="folder with gpt2_tokenizer/ and imdb_train_4k.jsonl")
     args = parser.parse_args(argv)
