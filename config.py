@@ -41,17 +41,66 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def platform() -> str:
+    """'kaggle', 'colab' or 'local', from the environment variables each notebook service sets."""
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") or os.environ.get("KAGGLE_URL_BASE"):
+        return "kaggle"
+    if os.environ.get("COLAB_RELEASE_TAG") or os.environ.get("COLAB_GPU") is not None:
+        return "colab"
+    return "local"
+
+
+# How to turn on what the imdb preset needs, per notebook service.
+HOW_TO = {
+    "kaggle": {
+        "gpu": "Settings -> Accelerator -> GPU T4 x2 (or P100)",
+        "internet": "Settings -> Internet -> on",
+    },
+    "colab": {"gpu": "Runtime -> Change runtime type -> T4 GPU", "internet": "reconnect the runtime"},
+}
+
+
 def resolve_preset(name: str = "auto") -> tuple[str, str]:
-    """Turn `auto` into `imdb` or `offline`; return (preset, one-line reason to announce)."""
+    """Turn `auto` into `imdb` or `offline`; return (preset, one-line reason to announce).
+
+    On a local machine `auto` falls back to `offline` without a GPU or the Hub. On Kaggle or Colab it
+    never does (the offline preset is a CPU demonstration, not what a GPU notebook is for): it stops and
+    says how to turn the GPU or the internet on, or to ask for `offline` explicitly.
+    """
     if name not in (*PRESETS, "auto"):
         raise ValueError(f"preset={name!r}: choose one of {(*PRESETS, 'auto')}")
     if name != "auto":
         return name, f"preset '{name}' (chosen explicitly)"
-    if not torch.cuda.is_available():
+    where = platform()
+    gpu, hub = torch.cuda.is_available(), hub_reachable()
+    if where in HOW_TO and not (gpu and hub):
+        missing = "gpu" if not gpu else "internet"
+        raise RuntimeError(
+            f"PRESET='auto' on {where.title()} needs a GPU and the internet; this session has no {missing}. "
+            f"Turn it on ({HOW_TO[where][missing]}) and restart the session, "
+            "or set PRESET = 'offline' for the small CPU series"
+        )
+    if not gpu:
         return "offline", "preset 'offline': no GPU found, running the small offline series on the CPU"
-    if not hub_reachable():
+    if not hub:
         return "offline", "preset 'offline': the Hugging Face Hub is unreachable, using local assets"
     return "imdb", "preset 'imdb': GPU and Hub available, running the real IMDb series"
+
+
+def environment_report(token: str | None) -> list[str]:
+    """One line each on what the imdb preset needs: a GPU, the internet (the Hub), an HF_TOKEN to push
+    checkpoints; each missing one says how to get it. The token itself is never shown."""
+    how = HOW_TO.get(platform(), {"gpu": "a machine with an NVIDIA GPU", "internet": "a network connection"})
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return [
+        f"GPU: {gpu}" if gpu else f"GPU: none ({how['gpu']}); the imdb preset needs one",
+        "internet: the Hugging Face Hub answers"
+        if hub_reachable()
+        else f"internet: no Hub ({how['internet']})",
+        "HF_TOKEN: found (checkpoints can be pushed)"
+        if token
+        else "HF_TOKEN: not set (Kaggle: Add-ons -> Secrets; Colab: key icon -> Secrets); saving locally",
+    ]
 
 
 def preset_paths(preset: str, cache_dir: str | Path | None = None, seed: int = 0) -> dict[str, str]:

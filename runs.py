@@ -174,12 +174,12 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None, path_in_rep
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    api.create_repo(repo_id, exist_ok=True)
+    api.create_repo(repo_id, exist_ok=True, private=True)  # checkpoints are yours until you publish them
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, path_in_repo=path_in_repo or None)
     return f"saved in {folder} and pushed to https://huggingface.co/{repo_id}/{path_in_repo}"
 
 
-def resolve_checkpoint(source: str, subfolder: str = "", hint: str = "") -> str:
+def resolve_checkpoint(source: str, subfolder: str = "", hint: str = "", token: str | None = None) -> str:
     """A local folder for `source`: itself if it exists, else a download of the Hub repo (subfolder).
     A missing folder (absolute, relative to an existing folder, or starting with . or ~) is not sent to
     the Hub as a repo id; either way a failure says what was looked for and `hint`, what to do."""
@@ -192,7 +192,9 @@ def resolve_checkpoint(source: str, subfolder: str = "", hint: str = "") -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        root = snapshot_download(source, allow_patterns=[f"{subfolder}/*"] if subfolder else None)
+        root = snapshot_download(
+            source, allow_patterns=[f"{subfolder}/*"] if subfolder else None, token=token
+        )
     except Exception as e:
         raise FileNotFoundError(
             f"{source}: not a local folder, nor on the Hub ({type(e).__name__}). {hint}".strip()
