@@ -104,6 +104,22 @@ def test_mu_sweep_notebook_reuses_training_and_skips_finished(series):
     assert [f.stat().st_mtime_ns for f in finals] == stamps  # nothing retrained
 
 
+def test_mu_sweep_reuses_02s_run_for_its_mu(series):
+    """A mu that 02 trained with the same settings is read from 02's folder, not trained a second time."""
+    import runs
+
+    work, ck, _, _ = series
+    own = ck / "mu_sweep" / "mu=0.01"  # another test may have trained mu = 0.01 here with other settings
+    before = {p: p.stat().st_mtime_ns for p in own.rglob("*")} if own.exists() else {}
+    params = dict(PRESET="offline", CHECKPOINTS=str(ck), MUS=[0.01], EVAL_OVERRIDES={"n_prompts": 4})
+    text, _ = run_notebook("04_mu_sweep", work, **params)
+    assert "mu=0.01: 02 trained it with these settings; reusing" in text
+    after = {p: p.stat().st_mtime_ns for p in own.rglob("*")} if own.exists() else {}
+    assert after == before  # nothing trained or written for it
+    table = pd.read_csv(ck / "mu_sweep" / "mu_sweep.csv", index_col=0)
+    assert table.loc["mu=0.01", "train_minutes"] == pytest.approx(runs.stage_minutes(ck / "warp")["warp"])
+
+
 def test_collect_figures_copies_what_readme_shows(tmp_path):
     """run_series --figures copies each stage's plots and tables with a stage prefix, skipping absent ones."""
     from run_series import collect_figures
