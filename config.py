@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from runs import atomic_write_text, to_json
+from checkpoints import atomic_write_text, to_json
 
 PRESETS = ("imdb", "offline")
 

@@ -3,7 +3,7 @@ KL estimators, and weight merging (EMA anchor, SLERP of task vectors, LITI, task
 
 Pure functions with no hidden state: nothing here prints, writes files, guesses a device or reads a
 global; callers pass the models, tensors and settings a function needs. The algorithm that puts these
-together is `warp.py`; configs are in `config.py`; checkpoints, the Hub and resumable runs in `runs.py`.
+together is `warp.py`; configs are in `config.py`; files and the Hub in `checkpoints.py`; runs in `runs.py`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Each line of Algorithm 1 (printed at the top of 02) is cited where it is implemented: `policy_loss` is
 lines 5-8 on one micro-batch, `train_run` the inner run (lines 3-9), `warp` the whole loop (lines 1-12).
-The tensor maths (sampling, log-probs, SLERP, ...) is in `utils.py`; saving and resuming in `runs.py`.
+The tensor maths (sampling, log-probs, SLERP, ...) is in `utils.py`; saving and resuming in `runs.py`
+and `checkpoints.py`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+import checkpoints
 import runs
 import utils
 from config import WarpConfig
@@ -125,7 +127,7 @@ def train_run(
     policy, anchor, tokenizer, reward_fn = runs.load_rl_models(cfg, accelerator.device)
 
     # Alg. 1, line 3: theta_m <- theta_init; theta_ema_m <- theta_init
-    init = runs.load_state_file(spec.init_path)
+    init = checkpoints.load_state_file(spec.init_path)
     utils.load_state(policy, init)
     utils.load_state(anchor, init)
     # dropout off: the gradient must see the distribution that sampled; only the policy learns
@@ -173,7 +175,7 @@ def train_run(
         # checkpoint: enough state to continue bit for bit
         unwrapped = accelerator.unwrap_model(policy)
         if step in spec.save_points:
-            runs.save_pretrained_atomic(
+            checkpoints.save_pretrained_atomic(
                 unwrapped, tokenizer, run_dir / f"step{step:05d}", extra={"step": step}
             )
         if step % cfg.save_every == 0 and step < spec.steps:
@@ -181,10 +183,10 @@ def train_run(
         if on_step is not None:
             on_step(step, metrics)
     bar.close()
-    runs.atomic_write_text(run_dir / "metrics.json", runs.to_json(history, indent=None))
-    runs.save_state(utils.state_of(accelerator.unwrap_model(policy)), final)
+    checkpoints.atomic_write_text(run_dir / "metrics.json", checkpoints.to_json(history, indent=None))
+    checkpoints.save_state(utils.state_of(accelerator.unwrap_model(policy)), final)
     progress.unlink(missing_ok=True)
-    runs.previous(progress).unlink(missing_ok=True)
+    checkpoints.previous(progress).unlink(missing_ok=True)
     accelerator.free_memory()
     return final
 
@@ -201,7 +203,7 @@ def sft_init(cfg: WarpConfig, sft: nn.Module) -> Path:
     """`out_dir/iter0/init.pt`: theta_sft as the first theta_init (written once, shared with REINFORCE)."""
     path = Path(cfg.out_dir) / "iter0" / "init.pt"
     if not path.exists():
-        runs.save_state(utils.state_of(sft), path)
+        checkpoints.save_state(utils.state_of(sft), path)
     return path
 
 
@@ -233,16 +235,16 @@ def warp(cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event
         if next_init.exists():
             continue
         # Alg. 1, line 10: theta_slerp <- slerp(theta_init, {theta_m}, lambda = 1/M)
-        init = runs.load_state_file(init_path)
-        policies = [runs.load_state_file(Path(s.run_dir) / "final.pt") for s in specs]
+        init = checkpoints.load_state_file(init_path)
+        policies = [checkpoints.load_state_file(Path(s.run_dir) / "final.pt") for s in specs]
         merged = utils.slerp(init, policies)
         runs.check_finite_state(merged, f"the SLERP merge of iteration {i}")
         angles = utils.angle_summary(utils.task_vector_angles(init, policies)) if cfg.runs > 1 else {}
         info = {"iteration": i, **angles}
-        runs.save_state(merged, it / "slerp.pt")
-        runs.atomic_write_text(it / "merge.json", runs.to_json(info))
+        checkpoints.save_state(merged, it / "slerp.pt")
+        checkpoints.atomic_write_text(it / "merge.json", checkpoints.to_json(info))
         # Alg. 1, line 11: theta_init <- (1 - eta) * theta_init + eta * theta_slerp
-        runs.save_state(utils.liti(init, merged, cfg.eta), next_init)
+        checkpoints.save_state(utils.liti(init, merged, cfg.eta), next_init)
         if on_event is not None:
             on_event("merge", info)
     # Alg. 1, line 12: return theta_slerp_I (and the LITI policy, the start of a next iteration)
@@ -250,8 +252,10 @@ def warp(cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event
     states = {"slerp": last / "slerp.pt", "liti": out / f"iter{cfg.iterations}" / "init.pt"}
     for name, state_file in states.items():
         if not (paths[name] / "config.json").exists():
-            utils.load_state(sft, runs.load_state_file(state_file))
-            runs.save_pretrained_atomic(sft, tokenizer, paths[name], extra={"kind": name, **cfg.to_dict()})
+            utils.load_state(sft, checkpoints.load_state_file(state_file))
+            checkpoints.save_pretrained_atomic(
+                sft, tokenizer, paths[name], extra={"kind": name, **cfg.to_dict()}
+            )
     if not finished:
         runs.record_minutes(out, "warp", start)
     return paths

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import runs
+import checkpoints
 import utils
 
 
@@ -33,7 +33,7 @@ def test_atomic_dir_keeps_the_previous_folder_when_the_body_raises(tmp_path):
     ckpt.mkdir()
     (ckpt / "weights.txt").write_text("old")
     with pytest.raises(RuntimeError, match="crash"):
-        with runs.atomic_dir(ckpt) as tmp:
+        with checkpoints.atomic_dir(ckpt) as tmp:
             (tmp / "weights.txt").write_text("half-writ")
             assert (ckpt / "weights.txt").read_text() == "old"  # readers still see the old one
             raise RuntimeError("crash")
@@ -45,9 +45,9 @@ def test_atomic_dir_keeps_the_previous_folder_when_the_body_raises(tmp_path):
 def test_atomic_dir_replaces_the_folder_whole_on_success(tmp_path):
     """On success the new folder replaces the old one entirely (no stale files), leaving no temporaries."""
     ckpt = tmp_path / "sub" / "ckpt"
-    with runs.atomic_dir(ckpt) as tmp:
+    with checkpoints.atomic_dir(ckpt) as tmp:
         (tmp / "stale.txt").write_text("1")
-    with runs.atomic_dir(ckpt) as tmp:
+    with checkpoints.atomic_dir(ckpt) as tmp:
         assert tmp != ckpt
         (tmp / "new.txt").write_text("2")
     assert sorted(p.name for p in ckpt.iterdir()) == ["new.txt"]
@@ -58,7 +58,7 @@ def test_atomic_torch_save_round_trip_and_failed_save_keeps_old(tmp_path):
     """atomic_torch_save round-trips tensors; a save that fails leaves the old file and no temporary."""
     path = tmp_path / "state" / "opt.pt"
     obj = {"w": torch.randn(3, 4), "step": 7, "nested": [torch.arange(5)]}
-    runs.atomic_torch_save(obj, path)
+    checkpoints.atomic_torch_save(obj, path)
     back = torch.load(path)
     assert (
         back["step"] == 7
@@ -66,7 +66,7 @@ def test_atomic_torch_save_round_trip_and_failed_save_keeps_old(tmp_path):
         and torch.equal(back["nested"][0], obj["nested"][0])
     )
     with pytest.raises(Exception):  # noqa: B017 - whatever pickle raises for a lambda
-        runs.atomic_torch_save({"f": lambda: 0}, path)
+        checkpoints.atomic_torch_save({"f": lambda: 0}, path)
     assert torch.equal(torch.load(path)["w"], obj["w"])
     assert leftovers(path.parent) == []
 
@@ -74,8 +74,8 @@ def test_atomic_torch_save_round_trip_and_failed_save_keeps_old(tmp_path):
 def test_atomic_write_text_overwrites(tmp_path):
     """atomic_write_text creates parents, overwrites, and leaves no temporary file."""
     path = tmp_path / "a" / "b.txt"
-    runs.atomic_write_text(path, "one")
-    runs.atomic_write_text(path, "two")
+    checkpoints.atomic_write_text(path, "one")
+    checkpoints.atomic_write_text(path, "two")
     assert path.read_text() == "two" and leftovers(path.parent) == []
 
 
@@ -93,8 +93,8 @@ def test_to_json_is_strict_json_with_null_for_undefined_numbers(tmp_path):
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
 
     obj = {"ci": float("nan"), "inf": [float("-inf")], "np": np.float32(0.5), "t": torch.tensor(2.0), "ok": 1}
-    assert strict(runs.to_json(obj)) == {"ci": None, "inf": [None], "np": 0.5, "t": 2.0, "ok": 1}
-    runs.atomic_write_text(tmp_path / "h.json", runs.to_json(obj))
+    assert strict(checkpoints.to_json(obj)) == {"ci": None, "inf": [None], "np": 0.5, "t": 2.0, "ok": 1}
+    checkpoints.atomic_write_text(tmp_path / "h.json", checkpoints.to_json(obj))
     assert (tmp_path / "h.json").stat().st_mode & 0o044 == 0o044
 
 
@@ -107,8 +107,10 @@ def test_save_pretrained_atomic_then_load_policy_round_trips(tmp_path, make_gpt2
     )
     tok = bpe_tokenizer
     path = tmp_path / "policy"
-    runs.save_pretrained_atomic(model, tok, path, extra={"iteration": 1, "angles": {"angle/mean": 42.0}})
-    runs.save_pretrained_atomic(model, tok, path, extra={"iteration": 2})  # overwriting works too
+    checkpoints.save_pretrained_atomic(
+        model, tok, path, extra={"iteration": 1, "angles": {"angle/mean": 42.0}}
+    )
+    checkpoints.save_pretrained_atomic(model, tok, path, extra={"iteration": 2})  # overwriting works too
     assert json.loads((path / "info.json").read_text()) == {"iteration": 2}
     assert leftovers(tmp_path) == []
 
@@ -145,19 +147,19 @@ def test_rng_state_reproduces_the_same_draws_also_through_a_file(tmp_path):
     """After set_rng_state(rng_state()) Python and torch draw the same numbers, also via a file."""
     random.seed(1)
     torch.manual_seed(1)
-    state = runs.rng_state()
+    state = checkpoints.rng_state()
     first = (random.random(), torch.rand(4), torch.randperm(10))
-    runs.atomic_torch_save(state, tmp_path / "rng.pt")
+    checkpoints.atomic_torch_save(state, tmp_path / "rng.pt")
 
     random.seed(99)
     torch.manual_seed(99)
-    runs.set_rng_state(state)
+    checkpoints.set_rng_state(state)
     again = (random.random(), torch.rand(4), torch.randperm(10))
     assert first[0] == again[0] and torch.equal(first[1], again[1]) and torch.equal(first[2], again[2])
 
     random.seed(123)
     torch.manual_seed(123)
-    runs.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False))
+    checkpoints.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False))
     from_disk = (random.random(), torch.rand(4), torch.randperm(10))
     assert first[0] == from_disk[0] and torch.equal(first[1], from_disk[1])
 
@@ -170,11 +172,11 @@ def test_rng_state_reproduces_the_same_draws_also_through_a_file(tmp_path):
 def test_hf_token_reads_the_environment(monkeypatch):
     """hf_token returns HF_TOKEN from the environment, and None when it is unset or empty."""
     monkeypatch.setenv("HF_TOKEN", "hf_test_123")
-    assert runs.hf_token() == "hf_test_123"
+    assert checkpoints.hf_token() == "hf_test_123"
     monkeypatch.setenv("HF_TOKEN", "")
-    assert runs.hf_token() is None
+    assert checkpoints.hf_token() is None
     monkeypatch.delenv("HF_TOKEN")
-    assert runs.hf_token() is None
+    assert checkpoints.hf_token() is None
 
 
 @pytest.fixture
@@ -191,16 +193,16 @@ def no_hub(monkeypatch):
 
 def test_push_folder_without_token_saves_locally_and_says_how_to_push(tmp_path, no_hub):
     """Without a token push_folder makes no network call and says where it saved and how to push later."""
-    msg = runs.push_folder(tmp_path / "ckpt", "me/warp-gpt2", token=None, path_in_repo="iter1")
+    msg = checkpoints.push_folder(tmp_path / "ckpt", "me/warp-gpt2", token=None, path_in_repo="iter1")
     assert "saved locally" in msg and str(tmp_path / "ckpt") in msg
     assert "me/warp-gpt2" in msg and "iter1" in msg
-    msg2 = runs.push_folder(tmp_path / "ckpt", "", token="hf_x")
+    msg2 = checkpoints.push_folder(tmp_path / "ckpt", "", token="hf_x")
     assert "saved locally" in msg2 and str(tmp_path / "ckpt") in msg2
 
 
 def test_push_folder_suggests_a_command_that_exists(tmp_path, no_hub):
     """The 'how to push later' command names a program installed with huggingface_hub."""
-    msg = runs.push_folder(tmp_path / "ckpt", "me/warp-gpt2", token=None)
+    msg = checkpoints.push_folder(tmp_path / "ckpt", "me/warp-gpt2", token=None)
     command = shlex.split(msg.split("To push later:", 1)[1])
     bindir = str(Path(sys.executable).parent)
     assert shutil.which(command[0], path=bindir + os.pathsep + os.environ.get("PATH", "")), (
@@ -211,5 +213,5 @@ def test_push_folder_suggests_a_command_that_exists(tmp_path, no_hub):
 def test_resolve_checkpoint_prefers_a_local_folder(tmp_path):
     """resolve_checkpoint returns an existing local folder (or its subfolder) without downloading."""
     (tmp_path / "run" / "iter1").mkdir(parents=True)
-    assert runs.resolve_checkpoint(str(tmp_path / "run")) == str(tmp_path / "run")
-    assert runs.resolve_checkpoint(str(tmp_path / "run"), "iter1") == str(tmp_path / "run" / "iter1")
+    assert checkpoints.resolve_checkpoint(str(tmp_path / "run")) == str(tmp_path / "run")
+    assert checkpoints.resolve_checkpoint(str(tmp_path / "run"), "iter1") == str(tmp_path / "run" / "iter1")

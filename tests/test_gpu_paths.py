@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import checkpoints
 import runs
 import utils
 import warp
@@ -41,12 +42,12 @@ def test_a_state_written_on_a_gpu_merges_with_one_written_on_the_cpu(tmp_path, m
     init = utils.state_of(make_gpt2(seed=0))
     policies = [utils.state_of(make_gpt2(seed=s)) for s in (1, 2)]
     for m, state in enumerate(policies):
-        runs.save_state(state, tmp_path / f"final{m}.pt")
+        checkpoints.save_state(state, tmp_path / f"final{m}.pt")
         as_if_written_on_cuda(tmp_path / f"final{m}.pt")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):  # what a plain torch.load does with such a file
             torch.load(tmp_path / "final0.pt", weights_only=True)
-    loaded = [runs.load_state_file(tmp_path / f"final{m}.pt") for m in range(2)]
+    loaded = [checkpoints.load_state_file(tmp_path / f"final{m}.pt") for m in range(2)]
     for state, original in zip(loaded, policies, strict=True):
         assert all(v.device.type == "cpu" and torch.equal(v, original[k]) for k, v in state.items())
     merged = utils.slerp(init, loaded)
@@ -65,7 +66,7 @@ def test_state_of_copies_to_the_cpu_and_keeps_ties(make_gpt2):
 
 def test_every_state_file_is_loaded_onto_the_cpu():
     """Each torch.load in our modules says where tensors go, so no file lands on the device that wrote it."""
-    for module in ("utils", "runs", "warp", "evaluation", "config"):
+    for module in ("utils", "checkpoints", "runs", "warp", "evaluation", "config"):
         tree = ast.parse((ROOT / f"{module}.py").read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
@@ -91,11 +92,11 @@ def test_fp16_loss_scale_survives_a_resume(tmp_path):
     trained = SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))
     trained.scaler.scale(torch.ones(()))  # the first scaled loss creates the scale
     trained.scaler.update(new_scale=37.0)
-    runs.save_progress(tmp_path / "progress.pt", trained, step=3)
+    checkpoints.save_progress(tmp_path / "progress.pt", trained, step=3)
     fresh = SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))
-    state = runs.load_progress(tmp_path / "progress.pt", fresh)
+    state = checkpoints.load_progress(tmp_path / "progress.pt", fresh)
     assert state["step"] == 3 and fresh.scaler.get_scale() == 37.0
-    assert runs.load_progress(tmp_path / "missing.pt", fresh) is None
+    assert checkpoints.load_progress(tmp_path / "missing.pt", fresh) is None
 
 
 def test_children_use_the_gpus_the_parent_sees():

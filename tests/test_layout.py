@@ -8,13 +8,14 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"utils", "config", "runs", "warp", "evaluation", "offline"}
-# who may import whom: notebooks -> warp -> utils; runs and config beside; evaluation for 02-04
+OURS = {"utils", "config", "checkpoints", "runs", "warp", "evaluation", "offline"}
+# who may import whom: notebooks -> warp -> utils; runs, checkpoints and config beside; evaluation for 02-04
 ALLOWED = {
     "utils": set(),
-    "runs": {"utils"},
-    "config": {"runs", "offline"},
-    "warp": {"utils", "runs", "config"},
+    "checkpoints": set(),
+    "runs": {"utils", "checkpoints"},
+    "config": {"checkpoints", "offline"},
+    "warp": {"utils", "runs", "checkpoints", "config"},
     "evaluation": {"utils", "config"},
     "offline": set(),
 }

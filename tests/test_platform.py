@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
+import checkpoints
 import config
-import runs
 from tests import tiny
 from tests.notebook import run_notebook
 
@@ -66,7 +66,7 @@ def test_pushed_repos_are_created_private(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     (tmp_path / "f.txt").write_text("x")
-    runs.push_folder(tmp_path, "me/warp", "hf_x", "warp")
+    checkpoints.push_folder(tmp_path, "me/warp", "hf_x", "warp")
     assert ("create", "me/warp", {"exist_ok": True, "private": True}) in calls and ("token", "hf_x") in calls
 
 

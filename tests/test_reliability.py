@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import config
 import runs
 import utils
@@ -193,7 +194,7 @@ def faulty_run(assets, tmp_path, monkeypatch, fault):
 
     monkeypatch.setattr(runs, "load_rl_models", faulty_models)
     policy, tok = utils.load_policy(cfg.sft)
-    runs.save_state(utils.state_of(policy), tmp_path / "init.pt")
+    checkpoints.save_state(utils.state_of(policy), tmp_path / "init.pt")
     spec = runs.RunSpec(str(tmp_path / "run"), str(tmp_path / "init.pt"), seed=0, steps=3)
     prompts = warp.training_prompts(cfg, tok)[0]
     with pytest.raises(FloatingPointError) as err:
@@ -202,7 +203,7 @@ def faulty_run(assets, tmp_path, monkeypatch, fault):
 
 
 def assert_step1_is_kept(run_dir: Path) -> None:
-    state = runs.load_progress(run_dir / "progress.pt")
+    state = checkpoints.load_progress(run_dir / "progress.pt")
     assert state["step"] == 1 and not (run_dir / "final.pt").exists()
     assert all(torch.isfinite(v).all() for v in state["policy"].values())
 
@@ -262,41 +263,41 @@ def test_a_reward_model_that_scores_everything_the_same_is_refused(assets):
 
 def test_damaged_progress_falls_back_to_the_previous_checkpoint(tmp_path):
     path = tmp_path / "progress.pt"
-    runs.save_progress(path, step=1)
-    runs.save_progress(path, step=2)
-    assert runs.previous(path).exists()
+    checkpoints.save_progress(path, step=1)
+    checkpoints.save_progress(path, step=2)
+    assert checkpoints.previous(path).exists()
     path.write_bytes(path.read_bytes()[:100])  # truncated, as by a session killed mid-write elsewhere
     with pytest.warns(
         UserWarning, match=r"progress\.pt is damaged .* resuming from the checkpoint before it"
     ):
-        assert runs.load_progress(path)["step"] == 1
+        assert checkpoints.load_progress(path)["step"] == 1
 
 
 def test_damaged_progress_without_a_previous_one_says_what_to_do(tmp_path):
     path = tmp_path / "progress.pt"
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match=r"progress\.pt is damaged .* delete them to start this run"):
-        runs.load_progress(path)
+        checkpoints.load_progress(path)
 
 
 def test_damaged_state_file_is_named(tmp_path, make_gpt2):
     path = tmp_path / "final.pt"
-    runs.save_state(utils.state_of(make_gpt2()), path)
+    checkpoints.save_state(utils.state_of(make_gpt2()), path)
     path.write_bytes(path.read_bytes()[:-500])
     with pytest.raises(RuntimeError, match=r"final\.pt is damaged or incomplete .* delete it and rerun"):
-        runs.load_state_file(path)
+        checkpoints.load_state_file(path)
 
 
 def test_full_disk_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
     path = tmp_path / "state.pt"
-    runs.atomic_torch_save({"w": torch.ones(3)}, path)
+    checkpoints.atomic_torch_save({"w": torch.ones(3)}, path)
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", no_space)
     with pytest.raises(OSError, match=r"disk full while writing .*state\.pt: nothing was replaced"):
-        runs.atomic_torch_save({"w": torch.zeros(3)}, path)
+        checkpoints.atomic_torch_save({"w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary file left behind
@@ -305,9 +306,9 @@ def test_full_disk_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
 def test_writes_are_fsynced_before_the_rename(tmp_path, monkeypatch):
     synced, real = [], runs.os.fsync
     monkeypatch.setattr(runs.os, "fsync", lambda fd: synced.append(fd) or real(fd))
-    runs.atomic_write_text(tmp_path / "a.json", "{}")
-    runs.atomic_torch_save({"w": torch.ones(1)}, tmp_path / "b.pt")
-    with runs.atomic_dir(tmp_path / "folder") as tmp:
+    checkpoints.atomic_write_text(tmp_path / "a.json", "{}")
+    checkpoints.atomic_torch_save({"w": torch.ones(1)}, tmp_path / "b.pt")
+    with checkpoints.atomic_dir(tmp_path / "folder") as tmp:
         (tmp / "x.txt").write_text("x")
     assert len(synced) == 3
 
@@ -366,4 +367,4 @@ def test_missing_reward_model_folder_is_not_sent_to_the_hub(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     missing = str(tmp_path / "checkpoints" / "reward_model")
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*reward_model\. Run 01 first"):
-        runs.resolve_checkpoint(missing, hint="Run 01 first")
+        checkpoints.resolve_checkpoint(missing, hint="Run 01 first")

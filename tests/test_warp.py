@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import checkpoints
 import config
 import runs
 import utils
@@ -140,7 +141,7 @@ def test_anchor_moves_by_exactly_mu_of_the_gap(assets, tmp_path):
     prompts = prompts_of(cfg)
     policy, _ = utils.load_policy(cfg.sft)
     init = utils.state_of(policy)
-    runs.atomic_torch_save(init, tmp_path / "init.pt")
+    checkpoints.atomic_torch_save(init, tmp_path / "init.pt")
     spec = runs.RunSpec(str(tmp_path / "run"), str(tmp_path / "init.pt"), seed=0, steps=2)
 
     def stop(step, metrics):
@@ -177,7 +178,7 @@ def test_interrupted_run_resumes_bitwise(assets, tmp_path):
     cfg = make_cfg(assets, tmp_path / "out", steps=4, grad_accum=2)
     prompts = prompts_of(cfg)
     policy, _ = utils.load_policy(cfg.sft)
-    runs.atomic_torch_save(utils.state_of(policy), tmp_path / "init.pt")
+    checkpoints.atomic_torch_save(utils.state_of(policy), tmp_path / "init.pt")
     whole = run_weights(cfg, prompts, tmp_path / "whole", tmp_path / "init.pt")
     resumed = run_weights(cfg, prompts, tmp_path / "resumed", tmp_path / "init.pt", stop_at=2)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
@@ -191,7 +192,7 @@ def test_parallel_runs_equal_sequential(assets, tmp_path):
     cfg = make_cfg(assets, tmp_path / "out", steps=2)
     prompts = prompts_of(cfg)
     policy, _ = utils.load_policy(cfg.sft)
-    runs.atomic_torch_save(utils.state_of(policy), tmp_path / "init.pt")
+    checkpoints.atomic_torch_save(utils.state_of(policy), tmp_path / "init.pt")
     specs = lambda root: [
         runs.RunSpec(str(root / f"run{m}"), str(tmp_path / "init.pt"), m, 2) for m in range(2)
     ]

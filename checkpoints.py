@@ -1,0 +1,281 @@
+"""Checkpoints: files written atomically and durably, parameter states on the CPU, resumable training
+state (weights, optimizer, RNG, loss scale) with a fallback to the previous checkpoint, and the Hugging
+Face Hub (token, push, pull, download).
+
+01 and 02 resume through the same `save_progress` / `load_progress`. Nothing here knows about WARP.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def _disk_full(path: Path, error: BaseException) -> OSError | None:
+    """A plain message for a write that failed because the disk is full; None for any other failure."""
+    if getattr(error, "errno", None) != errno.ENOSPC and "No space left" not in str(error):
+        return None
+    return OSError(
+        errno.ENOSPC,
+        f"disk full while writing {path}: nothing was replaced, the previous version (if any) is intact; "
+        f"free space (e.g. delete finished runs you have pushed) and rerun to continue",
+    )
+
+
+@contextmanager
+def _atomic_file(path: str | Path, mode: str) -> Iterator:
+    """An open temporary file beside `path`: flushed, fsynced and renamed onto `path` on success (so a crash
+    leaves the old file or the new one, never half of one), deleted on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # durable before it replaces anything
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be read and shared
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        full = _disk_full(path, e)
+        if full is None:
+            raise
+        raise full from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically and durably."""
+    with _atomic_file(path, "w") as f:
+        f.write(text)
+
+
+def to_json(obj, indent: int | None = 2) -> str:
+    """Strict JSON that every parser reads: NaN and infinities become null, numpy/torch scalars numbers."""
+
+    def finite(o):
+        if isinstance(o, dict):
+            return {str(k): finite(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [finite(v) for v in o]
+        if hasattr(o, "item") and not isinstance(o, (str, bytes)):  # numpy / torch scalars
+            o = o.item()
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        return o if isinstance(o, (str, int, float, bool, type(None))) else str(o)
+
+    return json.dumps(finite(obj), indent=indent, allow_nan=False)
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """torch.save atomically and durably (see `_atomic_file`)."""
+    with _atomic_file(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def save_state(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write a parameter state atomically, its tensors on the CPU (tied tensors stay shared), so that a
+    state trained on a GPU loads anywhere and meets states written on the CPU on the same device."""
+    cpu: dict[int, torch.Tensor] = {}
+    atomic_torch_save({k: cpu.setdefault(id(v), v.cpu()) for k, v in state.items()}, path)
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A parameter state written by `save_state`, on the CPU whichever device wrote it; tensors only.
+    A damaged file (truncated, overwritten) is an error that names it and says how to recover."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise RuntimeError(
+            f"{path} is damaged or incomplete ({type(e).__name__}: {e}); delete it and rerun: the step that "
+            "wrote it runs again"
+        ) from e
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `path` whole, on error it is deleted.
+
+    A folder counts as a finished checkpoint only once it sits at `path`, so readers never see a
+    half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for file in tmp.rglob("*"):  # durable before it replaces anything
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pretrained_atomic(model: nn.Module, tokenizer, path: str | Path, extra: dict | None = None) -> None:
+    """`save_pretrained` of model + tokenizer into `path`, atomically; `extra` goes to info.json."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            (tmp / "info.json").write_text(json.dumps(extra, indent=2))
+
+
+def hf_token() -> str | None:
+    """A Hub token from a Kaggle or Colab secret `HF_TOKEN`, else the HF_TOKEN environment variable."""
+    try:
+        from kaggle_secrets import UserSecretsClient  # only exists on Kaggle
+
+        return UserSecretsClient().get_secret("HF_TOKEN")
+    except Exception:
+        pass
+    try:
+        from google.colab import userdata  # only exists on Colab
+
+        return userdata.get("HF_TOKEN")
+    except Exception:
+        return os.environ.get("HF_TOKEN") or None
+
+
+def push_folder(folder: str | Path, repo_id: str, token: str | None, path_in_repo: str = "") -> str:
+    """Upload a local folder to a Hub model repo; return a one-line account of what happened."""
+    if not repo_id:
+        return f"saved locally in {folder} (no hub_repo set)"
+    if not token:
+        return (
+            f"saved locally in {folder}; no HF_TOKEN found. To push later: "
+            f"hf upload {repo_id} {folder} {path_in_repo or '.'}"
+        )
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True, private=True)  # checkpoints are yours until you publish them
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, path_in_repo=path_in_repo or None)
+    return f"saved in {folder} and pushed to https://huggingface.co/{repo_id}/{path_in_repo}"
+
+
+def resolve_checkpoint(source: str, subfolder: str = "", hint: str = "", token: str | None = None) -> str:
+    """A local folder for `source`: itself if it exists, else a download of the Hub repo (subfolder).
+    A missing folder (absolute, relative to an existing folder, or starting with . or ~) is not sent to
+    the Hub as a repo id; either way a failure says what was looked for and `hint`, what to do."""
+    local = Path(source).expanduser() / subfolder if subfolder else Path(source).expanduser()
+    if local.exists():
+        return str(local)
+    looks_local = source.startswith((".", "/", "~")) or Path(source).parent.exists() or source.count("/") != 1
+    if looks_local:
+        raise FileNotFoundError(f"no checkpoint at {local}. {hint}".strip())
+    from huggingface_hub import snapshot_download
+
+    try:
+        root = snapshot_download(
+            source, allow_patterns=[f"{subfolder}/*"] if subfolder else None, token=token
+        )
+    except Exception as e:
+        raise FileNotFoundError(
+            f"{source}: not a local folder, nor on the Hub ({type(e).__name__}). {hint}".strip()
+        ) from e
+    return str(Path(root) / subfolder) if subfolder else root
+
+
+def pull_folder(repo_id: str, local_dir: str | Path, token: str | None) -> str:
+    """Fetch what an earlier session pushed to `repo_id` into `local_dir` (resume across machines)."""
+    if not repo_id:
+        return "no hub_repo set: resuming from local checkpoints only"
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id, local_dir=str(local_dir), token=token)
+    except Exception as e:  # a missing repo just means nothing was pushed yet
+        return f"nothing pulled from {repo_id} ({type(e).__name__}); starting from local checkpoints"
+    return f"pulled {repo_id} into {local_dir}"
+
+
+def rng_state() -> dict:
+    """Every random-number state a run depends on (Python, torch CPU and CUDA)."""
+    import random
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved."""
+    import random
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def previous(path: str | Path) -> Path:
+    """Where `save_progress` keeps the checkpoint before the last one (used if the last is damaged)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_progress(path: str | Path, accelerator=None, **state) -> None:
+    """Write the resumable state of a training loop atomically, with every RNG state and, in fp16, the
+    GradScaler's loss scale (else a resumed run would restart at the initial scale). The checkpoint it
+    replaces is kept as `previous(path)`, the fallback if this one turns out damaged."""
+    scaler = getattr(accelerator, "scaler", None)
+    extra = {"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}
+    path = Path(path)
+    with _atomic_file(path.with_name(path.name + ".new"), "wb") as f:
+        torch.save({**state, **extra}, f)
+    if path.exists():
+        os.replace(path, previous(path))
+    os.replace(path.with_name(path.name + ".new"), path)
+
+
+def load_progress(path: str | Path, accelerator=None) -> dict | None:
+    """What `save_progress` wrote, or None when there is nothing to resume; a damaged file falls back to
+    the one before it, with a warning. Restores the RNG states and the GradScaler, so call it where the
+    interrupted loop stood: after setup, right before it continues."""
+    import warnings
+
+    path = Path(path)
+    candidates = [p for p in (path, previous(path)) if p.exists()]
+    if not candidates:
+        return None
+    errors = []
+    for candidate in candidates:
+        try:
+            state = torch.load(candidate, map_location="cpu", weights_only=False)  # optimizers move theirs
+            break
+        except Exception as e:
+            errors.append(f"{candidate} is damaged ({type(e).__name__}: {e})")
+    else:
+        raise RuntimeError(
+            "; ".join(errors) + ". Nothing to resume from: delete them to start this run from its beginning"
+        )
+    if errors:
+        warnings.warn(f"{errors[0]}; resuming from the checkpoint before it, {candidate}", stacklevel=2)
+    set_rng_state(state["rng"])
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return state
