@@ -158,23 +158,6 @@ def hf_token() -> str | None:
         return os.environ.get("HF_TOKEN") or None
 
 
-def push_folder(folder: str | Path, repo_id: str, token: str | None, path_in_repo: str = "") -> str:
-    """Upload a local folder to a Hub model repo; return a one-line account of what happened."""
-    if not repo_id:
-        return f"saved locally in {folder} (no hub_repo set)"
-    if not token:
-        return (
-            f"saved locally in {folder}; no HF_TOKEN found. To push later: "
-            f"hf upload {repo_id} {folder} {path_in_repo or '.'}"
-        )
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, exist_ok=True, private=True)  # checkpoints are yours until you publish them
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, path_in_repo=path_in_repo or None)
-    return f"saved in {folder} and pushed to https://huggingface.co/{repo_id}/{path_in_repo}"
-
-
 def resolve_checkpoint(source: str, subfolder: str = "", hint: str = "", token: str | None = None) -> str:
     """A local folder for `source`: itself if it exists, else a download of the Hub repo (subfolder).
     A missing folder (absolute, relative to an existing folder, or starting with . or ~) is not sent to
@@ -198,17 +181,94 @@ def resolve_checkpoint(source: str, subfolder: str = "", hint: str = "", token: 
     return str(Path(root) / subfolder) if subfolder else root
 
 
-def pull_folder(repo_id: str, local_dir: str | Path, token: str | None) -> str:
-    """Fetch what an earlier session pushed to `repo_id` into `local_dir` (resume across machines)."""
-    if not repo_id:
-        return "no hub_repo set: resuming from local checkpoints only"
-    from huggingface_hub import snapshot_download
+def _looks_local(location: str) -> bool:
+    """A folder rather than a Hub repo id ("owner/name"): absolute, relative with ./~, or existing."""
+    return location.startswith((".", "/", "~")) or Path(location).exists() or location.count("/") != 1
 
-    try:
-        snapshot_download(repo_id, local_dir=str(local_dir), token=token)
-    except Exception as e:  # a missing repo just means nothing was pushed yet
-        return f"nothing pulled from {repo_id} ({type(e).__name__}); starting from local checkpoints"
-    return f"pulled {repo_id} into {local_dir}"
+
+class Store:
+    """Where the series keeps what must outlive a session: a Hub model repo (created private) or a local
+    folder (a mounted Google Drive, a persisted Kaggle folder). Empty = local only.
+
+    It mirrors the local checkpoints tree under `root`: `push(path)` copies a file or folder under `root`
+    to the same relative place in the store, `pull(path)` copies it back when it is missing locally, file
+    by file (never the whole store), so each stage keeps to its own folder and a new session fetches only
+    what its next step needs. Local copies are atomic, like every other write here.
+    """
+
+    def __init__(self, location: str, root: str | Path, token: str | None = None):
+        self.location, self.root, self.token = location, Path(root), token
+        if location and not _looks_local(location) and not token:
+            raise ValueError(
+                f"STORE={location!r} is a Hub repo, and there is no HF_TOKEN to write to it: add one "
+                "(Kaggle: Add-ons -> Secrets; Colab: key icon -> Secrets), or give a folder that outlives "
+                "the session"
+            )
+
+    def __bool__(self) -> bool:
+        return bool(self.location)
+
+    def __repr__(self) -> str:  # never shows the token
+        return f"Store({self.location or 'local only'!r}, root={str(self.root)!r})"
+
+    def _rel(self, path: str | Path) -> str | None:
+        """`path` relative to `root`; None for a path outside it (e.g. a Hub id given as a model)."""
+        try:
+            return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return None
+
+    def push(self, *paths: str | Path) -> None:
+        """Copy files or folders (under `root`) into the store; nothing without a store."""
+        if not self:
+            return
+        for path in map(Path, paths):
+            rel = self._rel(path)
+            if rel is None or not path.exists():
+                continue
+            if not _looks_local(self.location):
+                from huggingface_hub import HfApi
+
+                api = HfApi(token=self.token)
+                api.create_repo(self.location, exist_ok=True, private=True)
+                if path.is_dir():
+                    api.upload_folder(folder_path=str(path), repo_id=self.location, path_in_repo=rel)
+                else:
+                    api.upload_file(path_or_fileobj=str(path), path_in_repo=rel, repo_id=self.location)
+            elif path.is_dir():
+                with atomic_dir(Path(self.location).expanduser() / rel) as tmp:
+                    shutil.copytree(path, tmp, dirs_exist_ok=True)
+            else:
+                with _atomic_file(Path(self.location).expanduser() / rel, "wb") as f, open(path, "rb") as src:
+                    shutil.copyfileobj(src, f)
+
+    def pull(self, *paths: str | Path) -> None:
+        """Copy files or folders (local paths under `root`) from the store where they are missing locally;
+        what the store does not hold is skipped."""
+        if not self:
+            return
+        for local in map(Path, paths):
+            rel = self._rel(local)
+            if local.exists() or rel is None:
+                continue
+            if not _looks_local(self.location):
+                from huggingface_hub import snapshot_download
+
+                try:  # only this file or folder; a repo or file not pushed yet is not an error
+                    snapshot_download(
+                        self.location, allow_patterns=[rel, f"{rel}/*"], local_dir=str(self.root),
+                        token=self.token,
+                    )  # fmt: skip
+                except Exception:
+                    pass
+                continue
+            src = Path(self.location).expanduser() / rel
+            if src.is_dir():
+                with atomic_dir(local) as tmp:
+                    shutil.copytree(src, tmp, dirs_exist_ok=True)
+            elif src.is_file():
+                with _atomic_file(local, "wb") as f, open(src, "rb") as s:
+                    shutil.copyfileobj(s, f)
 
 
 def rng_state() -> dict:

@@ -194,8 +194,6 @@ class WarpConfig(ConfigBase):
     """Reviews (`text`, `label`): Hub id, local file or folder; empty = the preset's."""
     out_dir: str = "checkpoints/warp"
     """Where runs, merges and the final policies are saved."""
-    hub_repo: str = ""
-    """Hub repo to push checkpoints to when a token exists ('' = local only)."""
     seed: int = 0
     """Seeds prompt order of run m as seed + 1000 * iteration + m."""
     iterations: int = 2
@@ -248,7 +246,7 @@ class WarpConfig(ConfigBase):
     # Where to push, how to split the work, how often to save: any other change between the sessions
     # of one out_dir would mix results of different settings in one folder.
     RESUMABLE_WITH_CHANGES = (
-        "out_dir", "hub_repo", "parallel", "save_every", "cpu_threads", "reward_batch_size",
+        "out_dir", "parallel", "save_every", "cpu_threads", "reward_batch_size",
         "train_reinforce_baseline", "baseline_checkpoints",
     )  # fmt: skip
     PRESET_DEFAULTS = {

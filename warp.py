@@ -102,21 +102,24 @@ def policy_loss(policy, anchor, reward_fn, prompt_ids, prompt_mask, cfg: WarpCon
 
 
 def train_run(
-    cfg: WarpConfig, spec: runs.RunSpec, prompts: list[list[int]], on_step=None, device=None
+    cfg: WarpConfig, spec: runs.RunSpec, prompts: list[list[int]], store=None, on_step=None, device=None
 ) -> Path:
     """Alg. 1, lines 3-9: T steps of REINFORCE against an EMA anchor, from theta_init.
 
-    Resumes from `run_dir/progress.pt` when present and ends with the same weights as an uninterrupted
-    run (bitwise on the CPU). `on_step(step, metrics)` is called after each step (progress, tests).
-    Returns the path of the final policy state.
+    Resumes from `run_dir/progress.pt` (here or in the `store`) and ends with the same weights as an
+    uninterrupted run (bitwise on the CPU); pushes each progress checkpoint and the result to the store.
+    `on_step(step, metrics)` is called after each step (progress, tests). Returns the final state's path.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     run_dir = Path(spec.run_dir)
     final, progress = run_dir / "final.pt", run_dir / "progress.pt"
+    store = store or checkpoints.Store("", run_dir)  # no store: local only
+    store.pull(final, run_dir / "metrics.json")
     if final.exists():
         return final
+    store.pull(progress, checkpoints.previous(progress))  # a session that died mid-run
     rows_per_prompt = cfg.rloo_k if cfg.baseline == "rloo" else 1
     batches = prompt_batches(len(prompts), cfg.batch_size // rows_per_prompt, spec.seed)  # checks sizes
     if cfg.cpu_threads:
@@ -175,16 +178,18 @@ def train_run(
         # checkpoint: enough state to continue bit for bit
         unwrapped = accelerator.unwrap_model(policy)
         if step in spec.save_points:
-            checkpoints.save_pretrained_atomic(
-                unwrapped, tokenizer, run_dir / f"step{step:05d}", extra={"step": step}
-            )
+            snapshot = run_dir / f"step{step:05d}"
+            checkpoints.save_pretrained_atomic(unwrapped, tokenizer, snapshot, extra={"step": step})
+            store.push(snapshot)
         if step % cfg.save_every == 0 and step < spec.steps:
             runs.save_run(progress, accelerator, policy, anchor, optimizer, scheduler, step, history)
+            store.push(progress)
         if on_step is not None:
             on_step(step, metrics)
     bar.close()
     checkpoints.atomic_write_text(run_dir / "metrics.json", checkpoints.to_json(history, indent=None))
     checkpoints.save_state(utils.state_of(accelerator.unwrap_model(policy)), final)
+    store.push(run_dir / "metrics.json", final)
     progress.unlink(missing_ok=True)
     checkpoints.previous(progress).unlink(missing_ok=True)
     accelerator.free_memory()
@@ -192,11 +197,11 @@ def train_run(
 
 
 def train_runs(
-    cfg: WarpConfig, specs: list[runs.RunSpec], prompts: list[list[int]], processes: int = 1
+    cfg: WarpConfig, specs: list[runs.RunSpec], prompts: list[list[int]], processes: int = 1, store=None
 ) -> None:
     """The unfinished runs of `specs`, one after another or `processes` at a time (one per GPU)."""
     todo = [s for s in specs if not runs.run_finished(s.run_dir)]
-    runs.run_parallel(train_run, [(cfg, s, prompts) for s in todo], processes)
+    runs.run_parallel(train_run, [(cfg, s, prompts, store) for s in todo], processes)
 
 
 def sft_init(cfg: WarpConfig, sft: nn.Module) -> Path:
@@ -207,33 +212,45 @@ def sft_init(cfg: WarpConfig, sft: nn.Module) -> Path:
     return path
 
 
-def warp(cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event=None) -> dict[str, Path]:
-    """Algorithm 1 of the WARP paper, every step saved so that a restart continues where it stopped.
+def warp(
+    cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event=None, store=None
+) -> dict[str, Path]:
+    """Algorithm 1 of the WARP paper, every step saved (and pushed to the `store`, a
+    `checkpoints.Store`) so that a restart, here or in a new session, continues where it stopped.
 
     Returns the folders of theta_slerp_I (the last merge) and of the final LITI policy, both
     `save_pretrained`-loadable. `on_event(name, info)` reports finished runs and merges.
     """
     start, out = time.time(), Path(cfg.out_dir)
+    store = store or checkpoints.Store("", out)
     prompt_batches(len(prompts), cfg.batch_size // (cfg.rloo_k if cfg.baseline == "rloo" else 1), cfg.seed)
-    runs.claim_out_dir(cfg)
+    store.pull(out / "config.json", out / "timing.json")  # what an earlier session recorded
+    store.push(runs.claim_out_dir(cfg))
     paths = {"slerp": out / "final_slerp", "liti": out / "final_liti"}
+    store.pull(*paths.values())
     finished = all((p / "config.json").exists() for p in paths.values())
     sft, tokenizer = utils.load_policy(cfg.sft)
     sft_init(cfg, sft)  # Alg. 1, line 1: theta_init <- theta_sft
     for i in range(cfg.iterations):  # Alg. 1, line 2
-        it = out / f"iter{i}"
+        it, next_init = out / f"iter{i}", out / f"iter{i + 1}" / "init.pt"
+        store.pull(
+            next_init,
+            it / "slerp.pt",
+            it / "merge.json",
+            *(it / f"run{m}" / "metrics.json" for m in range(cfg.runs)),
+        )
+        if next_init.exists():  # this iteration is done (in this session or an earlier one)
+            continue
         init_path = it / "init.pt"
+        store.pull(init_path)
         # Alg. 1, lines 3-9: M independent runs that differ only in their seed (prompt order, samples)
         specs = [
             runs.RunSpec(str(it / f"run{m}"), str(init_path), cfg.seed + 1000 * i + m, cfg.steps)
             for m in range(cfg.runs)
         ]
-        train_runs(cfg, specs, prompts, processes)
+        train_runs(cfg, specs, prompts, processes, store)
         if on_event is not None:
             on_event("runs", {"iteration": i, "run_dirs": [s.run_dir for s in specs]})
-        next_init = out / f"iter{i + 1}" / "init.pt"
-        if next_init.exists():
-            continue
         # Alg. 1, line 10: theta_slerp <- slerp(theta_init, {theta_m}, lambda = 1/M)
         init = checkpoints.load_state_file(init_path)
         policies = [checkpoints.load_state_file(Path(s.run_dir) / "final.pt") for s in specs]
@@ -245,6 +262,7 @@ def warp(cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event
         checkpoints.atomic_write_text(it / "merge.json", checkpoints.to_json(info))
         # Alg. 1, line 11: theta_init <- (1 - eta) * theta_init + eta * theta_slerp
         checkpoints.save_state(utils.liti(init, merged, cfg.eta), next_init)
+        store.push(it / "slerp.pt", it / "merge.json", next_init)
         if on_event is not None:
             on_event("merge", info)
     # Alg. 1, line 12: return theta_slerp_I (and the LITI policy, the start of a next iteration)
@@ -253,29 +271,34 @@ def warp(cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event
     for name, state_file in states.items():
         if not (paths[name] / "config.json").exists():
             utils.load_state(sft, checkpoints.load_state_file(state_file))
-            checkpoints.save_pretrained_atomic(
-                sft, tokenizer, paths[name], extra={"kind": name, **cfg.to_dict()}
-            )
+            extra = {"kind": name, **cfg.to_dict()}
+            checkpoints.save_pretrained_atomic(sft, tokenizer, paths[name], extra=extra)
+            store.push(paths[name])
     if not finished:
         runs.record_minutes(out, "warp", start)
+        store.push(out / "timing.json")
     return paths
 
 
-def train_reinforce_baseline(cfg: WarpConfig, prompts: list[list[int]]) -> Path:
+def train_reinforce_baseline(cfg: WarpConfig, prompts: list[list[int]], store=None) -> Path:
     """Plain REINFORCE with the same EMA-anchored reward for I * M * T steps, no merging, for comparison.
 
     Returns the folder of its last snapshot; `baseline_checkpoints` snapshots are spread along the run.
     """
     start, out = time.time(), Path(cfg.out_dir) / "reinforce"
-    runs.claim_out_dir(cfg)
-    finished = runs.run_finished(out)
+    store = store or checkpoints.Store("", out)
+    store.pull(Path(cfg.out_dir) / "config.json", Path(cfg.out_dir) / "timing.json")
+    store.push(runs.claim_out_dir(cfg))
     total = cfg.iterations * cfg.runs * cfg.steps
     n = cfg.baseline_checkpoints
     points = tuple(sorted({max(1, round(total * (j + 1) / n)) for j in range(n)}))
+    store.pull(out / "final.pt")
+    finished = runs.run_finished(out)
     init_path = sft_init(cfg, utils.load_policy(cfg.sft)[0])
-    train_run(
-        cfg, runs.RunSpec(str(out), str(init_path), cfg.seed + 999_999, total, save_points=points), prompts
-    )
+    spec = runs.RunSpec(str(out), str(init_path), cfg.seed + 999_999, total, save_points=points)
+    train_run(cfg, spec, prompts, store)
+    store.pull(*(out / f"step{p:05d}" for p in points))  # snapshots an earlier session made
     if not finished:
         runs.record_minutes(cfg.out_dir, "reinforce", start)
+        store.push(Path(cfg.out_dir) / "timing.json")
     return out / f"step{total:05d}"

@@ -107,9 +107,9 @@ def tiny_overrides(assets, arch="distilbert", **kw):
 def tiny_lora_run(tiny_assets, tmp_path_factory):
     """One uninterrupted imdb-path run on the tiny DistilBERT: (checkpoint folder, printed output)."""
     d = tmp_path_factory.mktemp("tiny_lora")
-    # with a hub_repo but no token and no Hub: nothing to pull, trains, saves locally and says how to push
-    overrides = tiny_overrides(tiny_assets, hub_repo="nobody/tiny-reward")
-    text, _ = run(d, "lora", PRESET="imdb", CHECKPOINTS="ck", OVERRIDES=overrides)
+    # with a local-folder STORE: trains, and the store receives the finished model
+    overrides = tiny_overrides(tiny_assets)
+    text, _ = run(d, "lora", PRESET="imdb", CHECKPOINTS="ck", OVERRIDES=overrides, STORE=str(d / "drive"))
     return d / "ck" / "reward_model", text  # CHECKPOINTS is relative: it lands in the papermill cwd
 
 
@@ -117,8 +117,9 @@ def test_imdb_path_lora_on_distilbert(tiny_assets, tiny_lora_run):
     folder, text = tiny_lora_run
     m = json.loads((folder / "metrics.json").read_text())
     assert m["preset"] == "imdb" and m["mode"] == "lora" and m["epochs"] == 2
-    assert "nothing pulled from nobody/tiny-reward" in text
-    assert "no HF_TOKEN found" in text and "upload nobody/tiny-reward ck/reward_model" in text
+    assert "is in the store" in text
+    stored = folder.parent.parent / "drive" / "reward_model"
+    assert (stored / "metrics.json").read_bytes() == (folder / "metrics.json").read_bytes()
     assert m["model"]["lora_targets"] == ["q_lin", "v_lin"]
     assert m["model"]["head"] == ["pre_classifier", "classifier"]
     assert m["mixed_precision"] == "no"  # no GPU here: 'auto' must not ask for fp16 on the CPU

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import shlex
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -179,35 +175,10 @@ def test_hf_token_reads_the_environment(monkeypatch):
     assert checkpoints.hf_token() is None
 
 
-@pytest.fixture
-def no_hub(monkeypatch):
-    """Any attempt to talk to the Hub fails the test."""
-    import huggingface_hub
-
-    def boom(*a, **k):
-        raise AssertionError("push_folder must not contact the Hub without a token")
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", boom)
-    monkeypatch.setattr(huggingface_hub, "upload_folder", boom, raising=False)
-
-
-def test_push_folder_without_token_saves_locally_and_says_how_to_push(tmp_path, no_hub):
-    """Without a token push_folder makes no network call and says where it saved and how to push later."""
-    msg = checkpoints.push_folder(tmp_path / "ckpt", "me/warp-gpt2", token=None, path_in_repo="iter1")
-    assert "saved locally" in msg and str(tmp_path / "ckpt") in msg
-    assert "me/warp-gpt2" in msg and "iter1" in msg
-    msg2 = checkpoints.push_folder(tmp_path / "ckpt", "", token="hf_x")
-    assert "saved locally" in msg2 and str(tmp_path / "ckpt") in msg2
-
-
-def test_push_folder_suggests_a_command_that_exists(tmp_path, no_hub):
-    """The 'how to push later' command names a program installed with huggingface_hub."""
-    msg = checkpoints.push_folder(tmp_path / "ckpt", "me/warp-gpt2", token=None)
-    command = shlex.split(msg.split("To push later:", 1)[1])
-    bindir = str(Path(sys.executable).parent)
-    assert shutil.which(command[0], path=bindir + os.pathsep + os.environ.get("PATH", "")), (
-        f"{command[0]!r} is not installed (huggingface_hub >= 1.0 ships the `hf` CLI): {msg}"
-    )
+def test_a_hub_store_without_a_token_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"STORE='me/warp' is a Hub repo, and there is no HF_TOKEN"):
+        checkpoints.Store("me/warp", tmp_path, token=None)
+    checkpoints.Store(str(tmp_path / "drive"), tmp_path, token=None)  # a folder needs none
 
 
 def test_resolve_checkpoint_prefers_a_local_folder(tmp_path):

@@ -64,15 +64,20 @@ def test_pushed_repos_are_created_private(tmp_path, monkeypatch):
         def upload_folder(self, **kw):
             calls.append(("upload", kw["repo_id"]))
 
+        def upload_file(self, **kw):
+            calls.append(("upload", kw["repo_id"], kw["path_in_repo"]))
+
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    (tmp_path / "f.txt").write_text("x")
-    checkpoints.push_folder(tmp_path, "me/warp", "hf_x", "warp")
+    (tmp_path / "warp").mkdir()
+    (tmp_path / "warp" / "f.txt").write_text("x")
+    checkpoints.Store("me/warp", tmp_path, token="hf_x").push(tmp_path / "warp" / "f.txt")
     assert ("create", "me/warp", {"exist_ok": True, "private": True}) in calls and ("token", "hf_x") in calls
+    assert ("upload", "me/warp", "warp/f.txt") in calls
 
 
 @pytest.mark.slow
 def test_a_notebook_never_shows_the_token_and_says_how_to_push_later(tmp_path):
-    """01 on tiny models with an HF_TOKEN and no hub_repo: stays local, says how to push, never prints the
+    """01 on tiny models with an HF_TOKEN and no STORE: stays local, says how to keep it, never prints the
     token (in its outputs or anywhere in the executed notebook)."""
     overrides = {
         "reward_base": tiny.save_tiny_reward(tmp_path / "rm", arch="distilbert"),
@@ -83,6 +88,6 @@ def test_a_notebook_never_shows_the_token_and_says_how_to_push_later(tmp_path):
     text, _ = run_notebook(
         "01_reward_model", tmp_path, hf_token=secret, PRESET="imdb", CHECKPOINTS="ck", OVERRIDES=overrides
     )
-    assert "HF_TOKEN: found" in text and "to push it later" in text
+    assert "HF_TOKEN: found" in text and "To keep it beyond this session, set STORE" in text
     assert secret not in (tmp_path / "01_reward_model.out.ipynb").read_text()
     assert json.loads((tmp_path / "ck" / "reward_model" / "metrics.json").read_text())["epochs"] == 1

@@ -1,0 +1,118 @@
+"""The checkpoint store: a session killed at a random step inside a run, whose local files are then lost
+(a new Kaggle session), resumes from the store, repeats at most `save_every` steps, and ends with the same
+weights as an uninterrupted run (bitwise on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoints
+import config
+import runs
+import utils
+import warp
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_store_mirrors_files_and_folders_under_its_root(tmp_path):
+    root, where = tmp_path / "ck", tmp_path / "drive"
+    store = checkpoints.Store(str(where), root)
+    (root / "warp" / "run0").mkdir(parents=True)
+    (root / "warp" / "run0" / "final.pt").write_bytes(b"weights")
+    (root / "warp" / "config.json").write_text("{}")
+    store.push(root / "warp" / "run0", root / "warp" / "config.json", tmp_path / "elsewhere.txt")
+    assert (where / "warp" / "run0" / "final.pt").read_bytes() == b"weights"
+    assert not (where / "elsewhere.txt").exists()  # outside the root: not the store's business
+    new_root = tmp_path / "new_session"
+    fresh = checkpoints.Store(str(where), new_root)
+    fresh.pull(new_root / "warp" / "config.json", new_root / "warp" / "missing.pt")
+    assert (new_root / "warp" / "config.json").read_text() == "{}"
+    assert not (new_root / "warp" / "run0").exists()  # only what was asked for
+    fresh.pull(new_root / "warp" / "run0")
+    assert (new_root / "warp" / "run0" / "final.pt").read_bytes() == b"weights"
+    checkpoints.Store("", root).push(root / "warp")  # no store: nothing happens
+    assert "token" not in repr(checkpoints.Store("me/repo", root, token="hf_secret"))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("assets")
+    return {
+        "sft": tiny.save_tiny_policy(d / "sft"),
+        "reward_model": tiny.save_tiny_reward(d / "rm"),
+        "data": tiny.save_tiny_reviews(d / "data", n_train=80),
+    }
+
+
+SETTINGS = dict(
+    iterations=2, runs=2, steps=12, batch_size=4, max_new_tokens=4, prompt_tokens=4, save_every=3,
+    cpu_threads=1, parallel=False,
+)  # fmt: skip
+
+CHILD = """
+import json, sys
+sys.path.insert(0, {root!r})
+import checkpoints, config, utils, warp
+cfg = config.WarpConfig.for_preset("offline", **json.loads({cfg!r}))
+prompts = warp.training_prompts(cfg, utils.load_policy(cfg.sft)[1])[0]
+warp.warp(cfg, prompts, store=checkpoints.Store({store!r}, {ck!r}))
+"""
+
+
+def run_warp(assets, ck: Path, store: Path) -> dict[str, Path]:
+    cfg = config.WarpConfig.for_preset("offline", **assets, out_dir=str(ck / "warp"), **SETTINGS)
+    prompts = warp.training_prompts(cfg, utils.load_policy(cfg.sft)[1])[0]
+    return warp.warp(cfg, prompts, store=checkpoints.Store(str(store), ck))
+
+
+def test_a_dead_session_resumes_from_the_store_bitwise(assets, tmp_path, monkeypatch):
+    whole = run_warp(assets, tmp_path / "whole" / "ck", tmp_path / "whole" / "store")
+
+    # session 1: a process killed (SIGKILL) once the store holds a progress checkpoint of a random run
+    ck, store = tmp_path / "dead" / "ck", tmp_path / "dead" / "store"
+    victim = random.Random().choice([f"iter{i}/run{m}" for i in range(2) for m in range(2)])
+    cfg = json.dumps({**assets, "out_dir": str(ck / "warp"), **SETTINGS})
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD.format(root=str(ROOT), cfg=cfg, store=str(store), ck=str(ck))]
+    )
+    progress = store / "warp" / victim / "progress.pt"
+    deadline = time.time() + 300
+    while not progress.exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert progress.exists(), f"the child never checkpointed {victim}"
+    assert not (store / "warp" / victim / "final.pt").exists(), "killed after the run ended, not inside it"
+    stored_step = torch.load(progress, weights_only=False)["step"]
+
+    # session 2: a new machine, nothing local; it resumes from the store
+    import shutil
+
+    shutil.rmtree(ck)
+    resumed_from = {}
+    real = runs.resume_run
+
+    def spy(path, *args):
+        step, history = real(path, *args)
+        resumed_from[Path(path).parent.relative_to(ck / "warp").as_posix()] = step
+        return step, history
+
+    monkeypatch.setattr(runs, "resume_run", spy)
+    again = run_warp(assets, ck, store)
+    assert resumed_from[victim] >= stored_step >= SETTINGS["save_every"]  # at most save_every steps repeated
+    for name in ("slerp", "liti"):
+        a = utils.state_of(utils.load_policy(str(whole[name]))[0])
+        b = utils.state_of(utils.load_policy(str(again[name]))[0])
+        assert all(torch.equal(a[k], b[k]) for k in a), name
