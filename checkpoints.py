@@ -271,6 +271,30 @@ class Store:
                     shutil.copyfileobj(s, f)
 
 
+def write_model_card(folder: str | Path, title: str, about: str, base_model: str, data: str, settings: dict,
+                     metrics: dict) -> None:  # fmt: skip
+    """A `README.md` model card (huggingface_hub's `ModelCard`) in a checkpoint folder: what the model is,
+    what it was trained from and on, its settings and headline figures. Local paths are named in the text
+    but kept out of the card's metadata, which takes Hub ids only."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    hub = lambda s: s if s and not _looks_local(s) else None
+    meta = ModelCardData(
+        base_model=hub(base_model), datasets=[hub(data)] if hub(data) else None, library_name="transformers",
+        tags=["warp", "rlhf", "imdb", "sentiment"],
+    )  # fmt: skip
+    rows = "\n".join(
+        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()
+    )
+    text = (
+        f"---\n{meta.to_yaml()}\n---\n\n# {title}\n\n{about}\n\n"
+        f"- base model: `{base_model}`\n- data: `{data}`\n\n"
+        f"## Headline figures\n\n| metric | value |\n|---|---|\n{rows}\n\n"
+        f"## Settings\n\n```json\n{to_json(settings)}\n```\n"
+    )
+    atomic_write_text(Path(folder) / "README.md", str(ModelCard(text)))
+
+
 def rng_state() -> dict:
     """Every random-number state a run depends on (Python, torch CPU and CUDA)."""
     import random

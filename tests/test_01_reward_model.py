@@ -120,6 +120,8 @@ def test_imdb_path_lora_on_distilbert(tiny_assets, tiny_lora_run):
     assert "is in the store" in text
     stored = folder.parent.parent / "drive" / "reward_model"
     assert (stored / "metrics.json").read_bytes() == (folder / "metrics.json").read_bytes()
+    card = (stored / "README.md").read_text()  # the model card went with it
+    assert card.startswith("---\n") and "| pairwise_accuracy |" in card and tiny_assets["distilbert"] in card
     assert m["model"]["lora_targets"] == ["q_lin", "v_lin"]
     assert m["model"]["head"] == ["pre_classifier", "classifier"]
     assert m["mixed_precision"] == "no"  # no GPU here: 'auto' must not ask for fp16 on the CPU
@@ -206,3 +208,56 @@ def test_bad_config_field_is_named_before_loading(tiny_assets, tmp_path):
     with pytest.raises(pm.PapermillExecutionError, match=r"RewardConfig\.mode='full'"):
         run(tmp_path, "bad", PRESET="imdb", CHECKPOINTS="ck", OVERRIDES=overrides)
     assert not (tmp_path / "ck").exists()  # nothing was trained or written
+
+
+def test_a_dead_session_resumes_from_the_store(tiny_assets, tmp_path):
+    """01 killed (SIGKILL, kernel and all) after the store got an epoch's progress, its local files lost
+    (a new Kaggle session): the rerun pulls the progress, continues from that epoch and ends with the
+    weights of an uninterrupted run, bit for bit on the CPU."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = tiny_overrides(tiny_assets, epochs=4, batches_per_epoch=6)
+    (tmp_path / "whole").mkdir()
+    run(tmp_path / "whole", "whole", PRESET="imdb", CHECKPOINTS="ck", OVERRIDES=overrides)
+    work, drive = tmp_path / "dead", tmp_path / "drive"
+    work.mkdir()
+    params = {"PRESET": "imdb", "CHECKPOINTS": "ck", "OVERRIDES": overrides, "STORE": str(drive)}
+    code = (
+        "import papermill, sys; papermill.execute_notebook(sys.argv[1], sys.argv[2], parameters="
+        f"{params!r}, cwd=sys.argv[3], kernel_name='python3', progress_bar=False)"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    env.pop("HF_TOKEN", None)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(NOTEBOOK), str(work / "out.ipynb"), str(work)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    progress = drive / "reward_model_progress" / "progress.pt"
+    deadline = time.time() + 300
+    while not progress.exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    import psutil
+
+    victims = [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
+    for p in victims:  # papermill and its kernel (which jupyter starts in a session of its own)
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=30)
+    child.wait()
+    assert progress.exists() and not (drive / "reward_model" / "metrics.json").exists()
+    stored_epoch = torch.load(progress, weights_only=False)["epoch"]
+
+    shutil.rmtree(work / "ck", ignore_errors=True)  # the new session has nothing local
+    text, _ = run(work, "again", **params)
+    resumed = int(re.search(r"resuming after epoch (\d) of 4", text).group(1))
+    print(f"killed with epoch {stored_epoch} in the store; resumed after epoch {resumed}")
+    assert resumed >= stored_epoch >= 1
+    a, b = weights(work / "ck" / "reward_model"), weights(tmp_path / "whole" / "ck" / "reward_model")
+    assert all(torch.equal(a[k], b[k]) for k in a)

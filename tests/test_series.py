@@ -46,6 +46,8 @@ def test_warp_beats_sft_on_heldout_prompts(series):
     assert 0 < summary["angles"][0]["angle/mean"] < 180
     assert (ck / "warp" / "final_slerp" / "config.json").exists()
     assert (ck / "warp" / "training_curves.png").stat().st_size > 0
+    card = (ck / "warp" / "final_slerp" / "README.md").read_text()
+    assert "# WARP on IMDb: final slerp policy" in card and f"| score | {warp['score']:.4g} |" in card
 
 
 def test_02_shows_the_algorithm_and_runs_one_micro_batch(series):

@@ -116,3 +116,19 @@ def test_a_dead_session_resumes_from_the_store_bitwise(assets, tmp_path, monkeyp
         a = utils.state_of(utils.load_policy(str(whole[name]))[0])
         b = utils.state_of(utils.load_policy(str(again[name]))[0])
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_model_card_names_hub_ids_in_its_metadata_and_local_paths_in_its_text(tmp_path):
+    from huggingface_hub import ModelCard
+
+    checkpoints.write_model_card(
+        tmp_path, "A title", "What it is.", "lvwerra/gpt2-imdb", "/data/reviews.jsonl", {"beta": 0.1},
+        {"score": 1.23456, "steps": 10},
+    )  # fmt: skip
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "lvwerra/gpt2-imdb" and card.data.datasets is None
+    assert (
+        "| score | 1.235 |" in card.text
+        and "`/data/reviews.jsonl`" in card.text
+        and '"beta": 0.1' in card.text
+    )
