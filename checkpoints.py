@@ -218,33 +218,63 @@ class Store:
         except ValueError:
             return None
 
+    def _hub_files(self) -> set[str]:
+        """Files in the Hub repo (listed once per store); none when the repo does not exist yet. Any other
+        failure (network, rate limit) raises: resuming as if the store were empty would retrain from
+        scratch and then overwrite the store's newer checkpoints."""
+        if not hasattr(self, "_files"):
+            from huggingface_hub import HfApi
+            from huggingface_hub.errors import RepositoryNotFoundError
+
+            try:
+                self._files = set(HfApi(token=self.token).list_repo_files(self.location))
+            except RepositoryNotFoundError:
+                self._files = set()
+        return self._files
+
     def push(self, *paths: str | Path) -> None:
-        """Copy files or folders (under `root`) into the store; nothing without a store."""
+        """Copy files or folders (under `root`) into the store; nothing without a store. A failed push
+        warns and leaves training going: the local copy is intact and the next push carries it."""
         if not self:
             return
+        import warnings
+
         for path in map(Path, paths):
             rel = self._rel(path)
-            if rel is None or not path.exists():
+            if rel is None:
+                warnings.warn(f"{path} is outside {self.root}: not pushed to the store", stacklevel=2)
                 continue
-            if not _looks_local(self.location):
-                from huggingface_hub import HfApi
+            if not path.exists():
+                continue
+            try:
+                self._push(path, rel)
+            except Exception as e:
+                warnings.warn(
+                    f"could not push {path} to {self.location} ({type(e).__name__}: {e})", stacklevel=2
+                )
 
-                api = HfApi(token=self.token)
-                api.create_repo(self.location, exist_ok=True, private=True)
-                if path.is_dir():
-                    api.upload_folder(folder_path=str(path), repo_id=self.location, path_in_repo=rel)
-                else:
-                    api.upload_file(path_or_fileobj=str(path), path_in_repo=rel, repo_id=self.location)
-            elif path.is_dir():
-                with atomic_dir(Path(self.location).expanduser() / rel) as tmp:
-                    shutil.copytree(path, tmp, dirs_exist_ok=True)
+    def _push(self, path: Path, rel: str) -> None:
+        if not _looks_local(self.location):
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=self.token)
+            api.create_repo(self.location, exist_ok=True, private=True)
+            if path.is_dir():
+                api.upload_folder(folder_path=str(path), repo_id=self.location, path_in_repo=rel)
             else:
-                with _atomic_file(Path(self.location).expanduser() / rel, "wb") as f, open(path, "rb") as src:
-                    shutil.copyfileobj(src, f)
+                api.upload_file(path_or_fileobj=str(path), path_in_repo=rel, repo_id=self.location)
+            if hasattr(self, "_files"):
+                del self._files  # listed again at the next pull
+        elif path.is_dir():
+            with atomic_dir(Path(self.location).expanduser() / rel) as tmp:
+                shutil.copytree(path, tmp, dirs_exist_ok=True)
+        else:
+            with _atomic_file(Path(self.location).expanduser() / rel, "wb") as f, open(path, "rb") as src:
+                shutil.copyfileobj(src, f)
 
     def pull(self, *paths: str | Path) -> None:
         """Copy files or folders (local paths under `root`) from the store where they are missing locally;
-        what the store does not hold is skipped."""
+        what the store does not hold is skipped. A folder appears whole or not at all."""
         if not self:
             return
         for local in map(Path, paths):
@@ -252,15 +282,9 @@ class Store:
             if local.exists() or rel is None:
                 continue
             if not _looks_local(self.location):
-                from huggingface_hub import snapshot_download
-
-                try:  # only this file or folder; a repo or file not pushed yet is not an error
-                    snapshot_download(
-                        self.location, allow_patterns=[rel, f"{rel}/*"], local_dir=str(self.root),
-                        token=self.token,
-                    )  # fmt: skip
-                except Exception:
-                    pass
+                files = sorted(f for f in self._hub_files() if f == rel or f.startswith(rel + "/"))
+                if files:
+                    self._pull_hub(files, rel, local)
                 continue
             src = Path(self.location).expanduser() / rel
             if src.is_dir():
@@ -269,6 +293,39 @@ class Store:
             elif src.is_file():
                 with _atomic_file(local, "wb") as f, open(src, "rb") as s:
                     shutil.copyfileobj(s, f)
+
+    def _pull_hub(self, files: list[str], rel: str, local: Path) -> None:
+        """Download `files` (all under `rel`) into a temporary folder, then move them into place at once."""
+        from huggingface_hub import hf_hub_download
+
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=f".{local.name}."))
+        try:
+            for f in files:  # each with its own progress bar
+                hf_hub_download(self.location, f, local_dir=str(tmp), token=self.token)
+            os.replace(tmp / rel, local)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def delete(self, *paths: str | Path) -> None:
+        """Remove files or folders (local paths under `root`) from the store, e.g. a run's progress once its
+        result is stored; what the store does not hold is skipped."""
+        if not self:
+            return
+        for path in map(Path, paths):
+            rel = self._rel(path)
+            if rel is None:
+                continue
+            if not _looks_local(self.location):
+                from huggingface_hub import HfApi
+
+                files = [f for f in self._hub_files() if f == rel or f.startswith(rel + "/")]
+                if files:
+                    HfApi(token=self.token).delete_files(self.location, delete_patterns=files)
+                    del self._files
+            else:
+                target = Path(self.location).expanduser() / rel
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 
 def write_model_card(folder: str | Path, title: str, about: str, base_model: str, data: str, settings: dict,
@@ -311,8 +368,9 @@ def set_rng_state(state: dict) -> None:
 
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # a new session may have fewer GPUs than the old
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def previous(path: str | Path) -> Path:

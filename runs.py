@@ -189,8 +189,9 @@ def mixed_precision_for(choice: str) -> str:
 
 
 def processes_for(cfg) -> int:
-    """How many of the M runs of an iteration train at once: M when `cfg.parallel` and 2+ GPUs, else 1."""
-    return cfg.runs if cfg.parallel and torch.cuda.device_count() >= 2 else 1
+    """How many of the M runs of an iteration train at once: one per GPU when `cfg.parallel` and 2+ GPUs."""
+    gpus = torch.cuda.device_count()
+    return min(cfg.runs, gpus) if cfg.parallel and gpus >= 2 else 1
 
 
 def child_gpu(index: int, parent_visible: str | None) -> str:

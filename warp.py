@@ -190,6 +190,7 @@ def train_run(
     checkpoints.atomic_write_text(run_dir / "metrics.json", checkpoints.to_json(history, indent=None))
     checkpoints.save_state(utils.state_of(accelerator.unwrap_model(policy)), final)
     store.push(run_dir / "metrics.json", final)
+    store.delete(progress)  # the result is stored: its progress checkpoint is no longer needed there
     progress.unlink(missing_ok=True)
     checkpoints.previous(progress).unlink(missing_ok=True)
     accelerator.free_memory()
@@ -234,11 +235,11 @@ def warp(
     for i in range(cfg.iterations):  # Alg. 1, line 2
         it, next_init = out / f"iter{i}", out / f"iter{i + 1}" / "init.pt"
         store.pull(
-            next_init,
-            it / "slerp.pt",
-            it / "merge.json",
-            *(it / f"run{m}" / "metrics.json" for m in range(cfg.runs)),
-        )
+            it / "merge.json", *(it / f"run{m}" / "metrics.json" for m in range(cfg.runs))
+        )  # for plots
+        if finished:
+            continue
+        store.pull(next_init, it / "slerp.pt")
         if next_init.exists():  # this iteration is done (in this session or an earlier one)
             continue
         init_path = it / "init.pt"

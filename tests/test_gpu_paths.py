@@ -108,6 +108,7 @@ def test_processes_follow_cfg_parallel(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert runs.processes_for(SimpleNamespace(runs=2, parallel=True)) == 2
     assert runs.processes_for(SimpleNamespace(runs=2, parallel=False)) == 1
+    assert runs.processes_for(SimpleNamespace(runs=4, parallel=True)) == 2  # one run per GPU at a time
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert runs.processes_for(SimpleNamespace(runs=2, parallel=True)) == 1
 

@@ -32,7 +32,8 @@ def test_store_mirrors_files_and_folders_under_its_root(tmp_path):
     (root / "warp" / "run0").mkdir(parents=True)
     (root / "warp" / "run0" / "final.pt").write_bytes(b"weights")
     (root / "warp" / "config.json").write_text("{}")
-    store.push(root / "warp" / "run0", root / "warp" / "config.json", tmp_path / "elsewhere.txt")
+    with pytest.warns(UserWarning, match="outside"):
+        store.push(root / "warp" / "run0", root / "warp" / "config.json", tmp_path / "elsewhere.txt")
     assert (where / "warp" / "run0" / "final.pt").read_bytes() == b"weights"
     assert not (where / "elsewhere.txt").exists()  # outside the root: not the store's business
     new_root = tmp_path / "new_session"
@@ -132,3 +133,80 @@ def test_model_card_names_hub_ids_in_its_metadata_and_local_paths_in_its_text(tm
         and "`/data/reviews.jsonl`" in card.text
         and '"beta": 0.1' in card.text
     )
+
+
+class FakeHub:
+    """A stand-in for the Hub: files in a dict, with the failures a real repo gives."""
+
+    def __init__(self, files: dict[str, bytes], error: Exception | None = None):
+        self.files, self.error = files, error
+
+    def install(self, monkeypatch):
+        import huggingface_hub
+
+        hub = self
+
+        class Api:
+            def __init__(self, token=None):
+                pass
+
+            def list_repo_files(self, repo_id):
+                if hub.error is not None:
+                    raise hub.error
+                return list(hub.files)
+
+            def delete_files(self, repo_id, delete_patterns):
+                for f in delete_patterns:
+                    hub.files.pop(f)
+
+        def download(repo_id, filename, local_dir, token=None):
+            target = Path(local_dir) / filename
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(hub.files[filename])
+            return str(target)
+
+        monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+
+
+def test_hub_store_pulls_whole_folders_and_never_mistakes_an_error_for_an_empty_store(tmp_path, monkeypatch):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    files = {"warp/final_slerp/config.json": b"{}", "warp/final_slerp/model.safetensors": b"w", "x/y": b"z"}
+    FakeHub(files).install(monkeypatch)
+    store = checkpoints.Store("me/warp", tmp_path, token="hf_x")
+    store.pull(tmp_path / "warp" / "final_slerp", tmp_path / "warp" / "missing.pt")
+    assert sorted(p.name for p in (tmp_path / "warp" / "final_slerp").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    assert not (tmp_path / "x").exists() and not list(
+        tmp_path.glob("warp/.*")
+    )  # only what was asked, no leftovers
+    store.delete(tmp_path / "warp" / "final_slerp")
+    assert list(files) == ["x/y"]
+
+    FakeHub({}, RepositoryNotFoundError.__new__(RepositoryNotFoundError)).install(monkeypatch)
+    checkpoints.Store("me/new", tmp_path / "fresh", token="hf_x").pull(
+        tmp_path / "fresh" / "warp"
+    )  # nothing yet
+    FakeHub({}, ConnectionError("rate limited")).install(monkeypatch)
+    with pytest.raises(ConnectionError):  # not "the store is empty": that would retrain and overwrite it
+        checkpoints.Store("me/warp", tmp_path / "other", token="hf_x").pull(tmp_path / "other" / "warp")
+
+
+def test_a_failed_push_warns_and_training_goes_on(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def quota(*a, **k):
+        raise RuntimeError("storage quota exceeded")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", quota)
+    (tmp_path / "warp").mkdir()
+    (tmp_path / "warp" / "progress.pt").write_bytes(b"p")
+    with pytest.warns(
+        UserWarning, match=r"could not push .*progress\.pt to me/warp \(RuntimeError: storage quota"
+    ):
+        checkpoints.Store("me/warp", tmp_path, token="hf_x").push(tmp_path / "warp" / "progress.pt")
+    with pytest.warns(UserWarning, match=r"outside .*: not pushed"):
+        checkpoints.Store(str(tmp_path / "drive"), tmp_path / "warp").push(tmp_path / "elsewhere")
