@@ -76,7 +76,10 @@ def bert_tokenizer(tmp_path):
     """A BertTokenizerFast built from a vocab file written to tmp_path (right padding, as BERT has)."""
     from transformers import BertTokenizerFast
 
-    return BertTokenizerFast(vocab_file=str(write_word_vocab(tmp_path)), do_lower_case=True)
+    write_word_vocab(tmp_path)  # from the folder: transformers 5 ignores `vocab_file=` (all words -> [UNK])
+    tok = BertTokenizerFast.from_pretrained(str(tmp_path), do_lower_case=True)
+    assert tok("brilliant film")["input_ids"][1] != tok.unk_token_id
+    return tok
 
 
 def tiny_reward_model(kind: str, vocab_size: int, seed: int = 0):

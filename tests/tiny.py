@@ -59,7 +59,9 @@ def save_tiny_reward(path: str | Path, seed: int = 0, arch: str = "bert") -> str
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS))]
     vocab_file = path / "vocab.txt"
     vocab_file.write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    # from the folder: transformers 5 ignores `vocab_file=` and would build a 5-token, all-[UNK] tokenizer
+    tok = BertTokenizerFast.from_pretrained(str(path), do_lower_case=True)
+    assert len(tok) == len(vocab), "the tiny reward model's tokenizer lost its vocabulary"
     torch.manual_seed(seed)
     if arch == "bert":
         cfg = BertConfig(
