@@ -56,11 +56,14 @@ def config_changes(saved: dict, cfg) -> list[str]:
     return [k for k in now if k not in cfg.RESUMABLE_WITH_CHANGES and saved.get(k) != now[k]]
 
 
-def claim_out_dir(cfg, folder: str | Path | None = None) -> Path:
+def claim_out_dir(cfg, folder: str | Path | None = None, store=None) -> Path:
     """Record `cfg` in `folder/config.json` (default `cfg.out_dir`), first checking that results already
-    there used the same settings (else a restart would silently continue old runs under new settings)."""
+    there, or in the checkpoint `store`, used the same settings (else a restart would silently continue
+    old runs under new settings); the record goes to the store too."""
     folder = Path(folder if folder is not None else cfg.out_dir)
     path = folder / "config.json"
+    if store is not None:
+        store.pull(path)
     if path.exists():
         saved = json.loads(path.read_text())
         changed = config_changes(saved, cfg)
@@ -72,6 +75,8 @@ def claim_out_dir(cfg, folder: str | Path | None = None) -> Path:
                 "choose another out_dir (or CHECKPOINTS), or delete the folder to start over"
             )
     cfg.save(path)
+    if store is not None:
+        store.push(path)
     return path
 
 

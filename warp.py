@@ -48,6 +48,11 @@ def prompt_batches(n_prompts: int, batch_size: int, seed: int) -> Iterator[list[
     return batches()
 
 
+def prompts_per_batch(cfg: WarpConfig) -> int:
+    """Prompts in a micro-batch of `batch_size` rows: RLOO samples `rloo_k` completions of each."""
+    return cfg.batch_size // (cfg.rloo_k if cfg.baseline == "rloo" else 1)
+
+
 def advantages(r_beta: Tensor, baseline: str, k: int = 1) -> Tensor:
     """(B,) REINFORCE weights: r_beta itself ('none', the paper), minus the batch mean ('mean'), or minus
     RLOO's leave-one-out mean over the k samples of the same prompt ('rloo'; rows grouped by prompt)."""
@@ -120,8 +125,8 @@ def train_run(
     if final.exists():
         return final
     store.pull(progress, checkpoints.previous(progress))  # a session that died mid-run
-    rows_per_prompt = cfg.rloo_k if cfg.baseline == "rloo" else 1
-    batches = prompt_batches(len(prompts), cfg.batch_size // rows_per_prompt, spec.seed)  # checks sizes
+    rows_per_prompt = cfg.batch_size // prompts_per_batch(cfg)
+    batches = prompt_batches(len(prompts), prompts_per_batch(cfg), spec.seed)  # checks sizes
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     accelerator = Accelerator(
@@ -224,9 +229,9 @@ def warp(
     """
     start, out = time.time(), Path(cfg.out_dir)
     store = store or checkpoints.Store("", out)
-    prompt_batches(len(prompts), cfg.batch_size // (cfg.rloo_k if cfg.baseline == "rloo" else 1), cfg.seed)
-    store.pull(out / "config.json", out / "timing.json")  # what an earlier session recorded
-    store.push(runs.claim_out_dir(cfg))
+    prompt_batches(len(prompts), prompts_per_batch(cfg), cfg.seed)  # fails now if not one batch fits
+    store.pull(out / "timing.json")  # what an earlier session recorded
+    runs.claim_out_dir(cfg, store=store)
     paths = {"slerp": out / "final_slerp", "liti": out / "final_liti"}
     store.pull(*paths.values())
     finished = all((p / "config.json").exists() for p in paths.values())
@@ -288,8 +293,8 @@ def train_reinforce_baseline(cfg: WarpConfig, prompts: list[list[int]], store=No
     """
     start, out = time.time(), Path(cfg.out_dir) / "reinforce"
     store = store or checkpoints.Store("", out)
-    store.pull(Path(cfg.out_dir) / "config.json", Path(cfg.out_dir) / "timing.json")
-    store.push(runs.claim_out_dir(cfg))
+    store.pull(Path(cfg.out_dir) / "timing.json")
+    runs.claim_out_dir(cfg, store=store)
     total = cfg.iterations * cfg.runs * cfg.steps
     n = cfg.baseline_checkpoints
     points = tuple(sorted({max(1, round(total * (j + 1) / n)) for j in range(n)}))

@@ -91,12 +91,7 @@ def test_bad_mu_lists(mus, message):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    d = tmp_path_factory.mktemp("assets")
-    return {
-        "sft": tiny.save_tiny_policy(d / "sft"),
-        "reward_model": tiny.save_tiny_reward(d / "rm"),
-        "data": tiny.save_tiny_reviews(d / "data", n_train=40, n_test=16),
-    }
+    return tiny.save_tiny_assets(tmp_path_factory.mktemp("assets"), n_train=40, n_test=16)
 
 
 def make_cfg(assets, out_dir, **kw):

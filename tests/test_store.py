@@ -49,12 +49,7 @@ def test_store_mirrors_files_and_folders_under_its_root(tmp_path):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    d = tmp_path_factory.mktemp("assets")
-    return {
-        "sft": tiny.save_tiny_policy(d / "sft"),
-        "reward_model": tiny.save_tiny_reward(d / "rm"),
-        "data": tiny.save_tiny_reviews(d / "data", n_train=80),
-    }
+    return tiny.save_tiny_assets(tmp_path_factory.mktemp("assets"), n_train=80)
 
 
 SETTINGS = dict(

@@ -105,3 +105,14 @@ def save_tiny_reviews(path: str | Path, n_train: int = 64, n_test: int = 32, see
                 text = " ".join(words[:5]) + (" <br /><br /> " if i % 3 == 0 else " ") + " ".join(words[5:])
                 f.write(json.dumps({"text": text, "label": label}) + "\n")
     return str(path)
+
+
+def save_tiny_assets(folder: str | Path, **reviews) -> dict[str, str]:
+    """A tiny SFT, reward model and review folder under `folder`, as WarpConfig's sft, reward_model, data;
+    `reviews` goes to `save_tiny_reviews` (n_train, n_test, seed)."""
+    folder = Path(folder)
+    return {
+        "sft": save_tiny_policy(folder / "sft"),
+        "reward_model": save_tiny_reward(folder / "rm"),
+        "data": save_tiny_reviews(folder / "data", **reviews),
+    }
