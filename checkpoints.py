@@ -79,6 +79,11 @@ def to_json(obj, indent: int | None = 2) -> str:
     return json.dumps(finite(obj), indent=indent, allow_nan=False)
 
 
+def _first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (torch's unpickling errors run to a page)."""
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 def atomic_torch_save(obj, path: str | Path) -> None:
     """torch.save atomically and durably (see `_atomic_file`)."""
     with _atomic_file(path, "wb") as f:
@@ -86,23 +91,43 @@ def atomic_torch_save(obj, path: str | Path) -> None:
 
 
 def save_state(state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Write a parameter state atomically, its tensors on the CPU (tied tensors stay shared), so that a
-    state trained on a GPU loads anywhere and meets states written on the CPU on the same device."""
-    cpu: dict[int, torch.Tensor] = {}
-    atomic_torch_save({k: cpu.setdefault(id(v), v.cpu()) for k, v in state.items()}, path)
+    """Write a parameter state atomically as safetensors (no pickle: safe to load from a shared Hub repo),
+    its tensors on the CPU so that a state trained on a GPU loads anywhere. Tied tensors (GPT-2's lm_head
+    and wte) are stored once; the names that share them are kept in the file's metadata."""
+    from safetensors.torch import save
+
+    tensors, aliases, first = {}, {}, {}
+    for name, tensor in state.items():
+        ident = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if tensor.numel() and ident in first:
+            aliases[name] = first[ident]
+            continue
+        first.setdefault(ident, name)
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    metadata = {"order": json.dumps(list(state)), "aliases": json.dumps(aliases)}
+    with _atomic_file(path, "wb") as f:
+        f.write(save(tensors, metadata=metadata))
 
 
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A parameter state written by `save_state`, on the CPU whichever device wrote it; tensors only.
-    A damaged file (truncated, overwritten) is an error that names it and says how to recover."""
+    """A parameter state written by `save_state`, on the CPU, tied names sharing one tensor again, in the
+    order it was saved. A damaged file (truncated, overwritten) is an error that names it and says how to
+    recover."""
+    from safetensors import safe_open
+
+    if not Path(path).exists():
+        raise FileNotFoundError(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        aliases = json.loads(metadata.get("aliases", "{}"))
+        order = json.loads(metadata.get("order", "null")) or list(tensors)
+        return {name: tensors[aliases.get(name, name)] for name in order}
     except Exception as e:
         raise RuntimeError(
-            f"{path} is damaged or incomplete ({type(e).__name__}: {e}); delete it and rerun: the step that "
-            "wrote it runs again"
+            f"{path} is damaged or incomplete ({type(e).__name__}: {_first_line(e)}); delete it and rerun: "
+            "the step that wrote it runs again"
         ) from e
 
 
@@ -140,6 +165,14 @@ def save_pretrained_atomic(model: nn.Module, tokenizer, path: str | Path, extra:
         tokenizer.save_pretrained(tmp)
         if extra is not None:
             (tmp / "info.json").write_text(json.dumps(extra, indent=2))
+
+
+def disk_report(root: str | Path) -> str:
+    """One line: how much the checkpoints under `root` take on the local disk, and how much is left."""
+    root = Path(root)
+    used = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+    free = shutil.disk_usage(root if root.exists() else Path.cwd()).free
+    return f"local disk: {used / 1e9:.2f} GB of checkpoints in {root}, {free / 1e9:.1f} GB free"
 
 
 def hf_token() -> str | None:
@@ -232,26 +265,64 @@ class Store:
                 self._files = set()
         return self._files
 
-    def push(self, *paths: str | Path) -> None:
+    def push(self, *paths: str | Path) -> bool:
         """Copy files or folders (under `root`) into the store; nothing without a store. A failed push
-        warns and leaves training going: the local copy is intact and the next push carries it."""
+        warns and leaves training going: the local copy is intact and the next push carries it. True when
+        there is a store and every path that exists reached it."""
         if not self:
-            return
+            return False
         import warnings
 
+        stored = True
         for path in map(Path, paths):
             rel = self._rel(path)
             if rel is None:
                 warnings.warn(f"{path} is outside {self.root}: not pushed to the store", stacklevel=2)
+                stored = False
                 continue
             if not path.exists():
                 continue
             try:
                 self._push(path, rel)
             except Exception as e:
+                stored = False
                 warnings.warn(
                     f"could not push {path} to {self.location} ({type(e).__name__}: {e})", stacklevel=2
                 )
+        return stored
+
+    def holds(self, path: str | Path) -> bool:
+        """True when the store has `path` (a local path under `root`): a file, or a folder with files."""
+        rel = self._rel(path)
+        if not self or rel is None:
+            return False
+        if not _looks_local(self.location):
+            return any(f == rel or f.startswith(rel + "/") for f in self._hub_files())
+        return (Path(self.location).expanduser() / rel).exists()
+
+    def release(self, *paths: str | Path) -> None:
+        """Free local disk: delete the local copy of each path the store holds (GPT-2 states are 0.5 GB
+        each); a later `pull` brings it back. Without a store nothing is deleted: the local copy is the
+        only one."""
+        for path in map(Path, paths):
+            if path.exists() and self.holds(path):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    def squash(self) -> None:
+        """On the Hub, squash the repo's history into one commit, so that it does not keep every progress
+        checkpoint pushed along the way (GBs); a folder store keeps no history. A failure only warns."""
+        if not self or _looks_local(self.location):
+            return
+        from huggingface_hub import HfApi
+
+        try:
+            HfApi(token=self.token).super_squash_history(self.location)
+        except Exception as e:
+            import warnings
+
+            warnings.warn(
+                f"could not squash the history of {self.location} ({type(e).__name__}: {e})", stacklevel=2
+            )
 
     def _push(self, path: Path, rel: str) -> None:
         if not _looks_local(self.location):
@@ -274,12 +345,19 @@ class Store:
 
     def pull(self, *paths: str | Path) -> None:
         """Copy files or folders (local paths under `root`) from the store where they are missing locally;
-        what the store does not hold is skipped. A folder appears whole or not at all."""
+        what the store does not hold is skipped. A missing folder appears whole or not at all; into a
+        folder that exists, the store's entries it lacks are pulled the same way (e.g. the REINFORCE
+        snapshots that were released to free disk)."""
         if not self:
             return
         for local in map(Path, paths):
             rel = self._rel(local)
-            if local.exists() or rel is None:
+            if rel is None:
+                continue
+            if local.is_dir():
+                self.pull(*(local / name for name in self._children(rel)))
+                continue
+            if local.exists():
                 continue
             if not _looks_local(self.location):
                 files = sorted(f for f in self._hub_files() if f == rel or f.startswith(rel + "/"))
@@ -293,6 +371,16 @@ class Store:
             elif src.is_file():
                 with _atomic_file(local, "wb") as f, open(src, "rb") as s:
                     shutil.copyfileobj(s, f)
+
+    def _children(self, rel: str) -> set[str]:
+        """Names directly inside the store's folder `rel` (none when it is not a folder there), without the
+        hidden ones (an interrupted copy's temporary folder)."""
+        if not _looks_local(self.location):
+            names = {f[len(rel) + 1 :].split("/")[0] for f in self._hub_files() if f.startswith(rel + "/")}
+        else:
+            folder = Path(self.location).expanduser() / rel
+            names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+        return {n for n in names if not n.startswith(".")}
 
     def _pull_hub(self, files: list[str], rel: str, local: Path) -> None:
         """Download `files` (all under `rel`) into a temporary folder, then move them into place at once."""
@@ -386,8 +474,7 @@ def save_progress(path: str | Path, accelerator=None, **state) -> None:
     scaler = getattr(accelerator, "scaler", None)
     extra = {"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}
     path = Path(path)
-    with _atomic_file(path.with_name(path.name + ".new"), "wb") as f:
-        torch.save({**state, **extra}, f)
+    atomic_torch_save({**state, **extra}, path.with_name(path.name + ".new"))
     if path.exists():
         os.replace(path, previous(path))
     os.replace(path.with_name(path.name + ".new"), path)
@@ -406,10 +493,10 @@ def load_progress(path: str | Path, accelerator=None) -> dict | None:
     errors = []
     for candidate in candidates:
         try:
-            state = torch.load(candidate, map_location="cpu", weights_only=False)  # optimizers move theirs
+            state = torch.load(candidate, map_location="cpu", weights_only=True)  # no code runs
             break
         except Exception as e:
-            errors.append(f"{candidate} is damaged ({type(e).__name__}: {e})")
+            errors.append(f"{candidate} is damaged ({type(e).__name__}: {_first_line(e)})")
     else:
         raise RuntimeError(
             "; ".join(errors) + ". Nothing to resume from: delete them to start this run from its beginning"

@@ -230,8 +230,9 @@ class WarpConfig(ConfigBase):
     """Texts per reward-model forward pass."""
     reward_max_length: int = 512
     """Reward-model truncation (in its own tokens)."""
-    mixed_precision: str = "no"
-    """accelerate mixed precision for the policy: 'no', 'fp16' or 'bf16'."""
+    mixed_precision: str = "auto"
+    """Mixed precision of the RL runs: 'auto' (bf16 where the GPU computes it natively, fp16 with a loss
+    scaler on older GPUs such as the T4, none on the CPU), or accelerate's 'no', 'fp16', 'bf16'."""
     train_reinforce_baseline: bool = True
     """Also train plain REINFORCE for I * M * T steps, for comparison."""
     baseline_checkpoints: int = 5
@@ -286,7 +287,11 @@ class WarpConfig(ConfigBase):
             "batch_size",
             f"must be a multiple of rloo_k={self.rloo_k} for RLOO",
         )
-        self._require(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "'no'/'fp16'/'bf16'")
+        self._require(
+            self.mixed_precision in ("auto", "no", "fp16", "bf16"),
+            "mixed_precision",
+            "'auto'/'no'/'fp16'/'bf16'",
+        )
         self._require(self.baseline_checkpoints >= 1, "baseline_checkpoints", "must be >= 1")
         self._require(self.save_every >= 1, "save_every", "must be >= 1")
         self._require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0")

@@ -87,7 +87,7 @@ class RunSpec:
     run_dir: str
     """Folder of this run: progress checkpoint, final weights, metrics."""
     init_path: str
-    """torch file holding theta_init (a parameter state dict)."""
+    """State file (`checkpoints.save_state`) holding theta_init; "" = the SFT itself, as loaded."""
     seed: int
     """Seeds prompt order and sampling; the only difference between the M runs of an iteration."""
     steps: int
@@ -97,8 +97,8 @@ class RunSpec:
 
 
 def run_finished(run_dir: str | Path) -> bool:
-    """A run is finished when its final weights were written (atomically, last)."""
-    return (Path(run_dir) / "final.pt").exists()
+    """A run is finished when its `metrics.json` was written (atomically, after its final weights)."""
+    return (Path(run_dir) / "metrics.json").exists()
 
 
 def stage_minutes(out_dir: str | Path) -> dict[str, float]:

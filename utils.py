@@ -8,6 +8,7 @@ together is `warp.py`; configs are in `config.py`; files and the Hub in `checkpo
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Sequence
@@ -140,10 +141,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def sampling_config(max_new_tokens: int, temperature: float, eos_token_id: int, pad_token_id: int):
-    """Pure ancestral sampling at `temperature`: no top-k, top-p, repetition penalty or minimum length.
-
-    Log-probabilities are computed from exactly this distribution, so nothing else may reshape it.
-    """
+    """The `generate` settings that match `sample_completions`: ancestral sampling at `temperature` with no
+    top-k, top-p, penalty or minimum length (for calling `generate` yourself, e.g. to compare)."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
@@ -159,22 +158,42 @@ def sample_completions(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Sample completions of left-padded prompts; return (B, L) completion ids and (B, L) mask.
 
-    The mask keeps tokens up to and including the first EOS: `generate` pads finished rows, and those
-    pad tokens were never sampled, so they must not count in log-probs, KL or the loss.
+    Plain ancestral sampling from softmax(logits / T) over the whole vocabulary with a KV cache, whatever
+    the model's own generation_config says; it stops as soon as every row has produced EOS. Finished rows
+    are padded (with EOS unless `pad_token_id`), and the mask keeps tokens up to and including the first
+    EOS: padding was never sampled, so it must not count in log-probs, KL or the loss. Draws the same
+    tokens as `generate(**sampling_config(...))` from the same random state, without its per-token
+    machinery (logits processors, stopping criteria), which dominates the time of small models.
     """
-    gen = sampling_config(
-        max_new_tokens, temperature, eos_token_id, eos_token_id if pad_token_id is None else pad_token_id
-    )
-    was_training, saved = policy.training, policy.generation_config
-    # generate() fills unset fields from the model's own generation_config (a checkpoint may carry
-    # top_k, repetition_penalty or min_new_tokens): swap it out so only pure sampling remains
-    policy.eval(), setattr(policy, "generation_config", gen)  # eval: no dropout while sampling
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    # the KV cache argument is `cache` from transformers 5.x on, `past_key_values` before
+    cache = "cache" if "cache" in inspect.signature(policy.forward).parameters else "past_key_values"
+    was_training = policy.training
+    policy.eval()  # no dropout while sampling
     try:
-        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask)
+        mask = prompt_mask.long()
+        position = (mask.cumsum(1) - 1).clamp(min=0)  # counted from each row's first real token
+        out = policy(
+            input_ids=prompt_ids, attention_mask=mask, position_ids=position, logits_to_keep=1, use_cache=True
+        )
+        position = position[:, -1:]
+        finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+        tokens = []
+        for t in range(max_new_tokens):
+            probs = (out.logits[:, -1].float() / temperature).softmax(-1)
+            token = torch.multinomial(probs, 1).squeeze(1).masked_fill(finished, pad)
+            tokens.append(token)
+            finished |= token == eos_token_id
+            if t == max_new_tokens - 1 or bool(finished.all()):
+                break
+            mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), position + 1
+            out = policy(
+                input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                **{cache: getattr(out, cache)},
+            )  # fmt: skip
     finally:
         policy.train(was_training)
-        policy.generation_config = saved
-    completions = out[:, prompt_ids.shape[1] :]
+    completions = torch.stack(tokens, 1)
     return completions, completion_mask(completions, eos_token_id)
 
 
@@ -205,6 +224,14 @@ def completion_logits(
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     """(B, L) log-probability of each token under (B, L, V) logits."""
     return torch.gather(logits.log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def token_logprobs_and_entropy(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """`token_logprobs` and the (B, L) `entropy` (without gradient) from one log-softmax of the vocabulary."""
+    logp = logits.log_softmax(-1)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1), entropy
 
 
 def masked_sum(x: Tensor, mask: Tensor) -> Tensor:
@@ -241,19 +268,30 @@ def score_texts(
     batch_size: int = 64,
     max_length: int = 512,
 ) -> Tensor:
-    """(N,) float32 rewards: the reward model's single logit, batched, re-tokenised with its own tokenizer."""
+    """(N,) float32 rewards: the reward model's single logit, re-tokenised with its own tokenizer (once),
+    scored in batches of similar length, each padded only to its own longest text; in the input order."""
+    if not texts:
+        return torch.zeros(0)
     device = model_device(reward_model)
-    scores = []
-    for i in range(0, len(texts), batch_size):
-        enc = reward_tokenizer(
-            list(texts[i : i + batch_size]),
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        ).to(device)
-        scores.append(reward_model(**enc).logits[:, 0].float())
-    return torch.cat(scores).cpu() if scores else torch.zeros(0)
+    enc = reward_tokenizer(list(texts), truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
+    scores = torch.zeros(len(texts))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        longest = max(len(enc["input_ids"][i]) for i in rows)
+        batch = {}
+        for key in keys:  # pad with the pad token (ids) or 0 (masks), on the tokenizer's padding side
+            fill = reward_tokenizer.pad_token_id if key == "input_ids" else 0
+            padded = [
+                enc[key][i] + [fill] * (longest - len(enc[key][i]))
+                if reward_tokenizer.padding_side == "right"
+                else [fill] * (longest - len(enc[key][i])) + enc[key][i]
+                for i in rows
+            ]
+            batch[key] = torch.tensor(padded, device=device)
+        scores[rows] = reward_model(**batch).logits[:, 0].float().cpu()
+    return scores
 
 
 def make_reward_fn(

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import checkpoints
 import runs
@@ -80,10 +80,13 @@ def policy_loss(policy, anchor, reward_fn, prompt_ids, prompt_mask, cfg: WarpCon
     )  # fmt: skip
     # 2. log pi_theta(y|x) with gradient and log pi_ema(y|x) without, same temperature, one pass each
     logits = utils.completion_logits(policy, prompt_ids, prompt_mask, completions, cfg.temperature)  # (B,L,V)
-    logprobs = utils.token_logprobs(logits, completions)  # (B, L)
-    with torch.no_grad():
+    logprobs, entropy = utils.token_logprobs_and_entropy(logits, completions)  # (B, L) each
+    del logits  # only the (B, L) tensors (and the graph) live on
+    with torch.inference_mode():
         ref_logits = utils.completion_logits(anchor, prompt_ids, prompt_mask, completions, cfg.temperature)
         ref_logprobs = utils.token_logprobs(ref_logits, completions)
+        del ref_logits
+    ref_logprobs = ref_logprobs.clone()  # a plain tensor again, usable beside autograd's
     # 3. the reward model scores the decoded review x + y
     scores = reward_fn(prompt_ids, prompt_mask, completions, mask).to(logprobs.device)  # (B,)
     # 4. r_beta = r - beta * log(pi_theta(y|x) / pi_ema(y|x)), sequence level, detached (line 7)
@@ -98,7 +101,7 @@ def policy_loss(policy, anchor, reward_fn, prompt_ids, prompt_mask, cfg: WarpCon
         "objective/kl": kl.mean().item(),
         "objective/rlhf_reward": r_beta.mean().item(),
         "loss/policy": loss.item(),
-        "policy/entropy": utils.masked_mean(utils.entropy(logits.detach()), mask).item(),
+        "policy/entropy": utils.masked_mean(entropy, mask).item(),
         "policy/completion_length": mask.sum(1).float().mean().item(),
     }
     rows = dict(completions=completions, mask=mask, scores=scores, kl=kl, r_beta=r_beta.detach(),
@@ -113,16 +116,19 @@ def train_run(
 
     Resumes from `run_dir/progress.pt` (here or in the `store`) and ends with the same weights as an
     uninterrupted run (bitwise on the CPU); pushes each progress checkpoint and the result to the store.
-    `on_step(step, metrics)` is called after each step (progress, tests). Returns the final state's path.
+    `on_step(step, metrics)` is called after each step (progress, tests). Returns where the final weights
+    are: `final.safetensors`, or the last snapshot's folder when the last step is a save point (the
+    REINFORCE baseline: one copy, not two). `metrics.json`, written last, marks a finished run.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     run_dir = Path(spec.run_dir)
-    final, progress = run_dir / "final.pt", run_dir / "progress.pt"
+    progress, done = run_dir / "progress.pt", run_dir / "metrics.json"
+    final = run_dir / (f"step{spec.steps:05d}" if spec.steps in spec.save_points else "final.safetensors")
     store = store or checkpoints.Store("", run_dir)  # no store: local only
-    store.pull(final, run_dir / "metrics.json")
-    if final.exists():
+    store.pull(done, final)
+    if done.exists() and final.exists():
         return final
     store.pull(progress, checkpoints.previous(progress))  # a session that died mid-run
     rows_per_prompt = cfg.batch_size // prompts_per_batch(cfg)
@@ -130,18 +136,23 @@ def train_run(
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=device == "cpu"
+        mixed_precision=runs.mixed_precision_for(cfg.mixed_precision),
+        gradient_accumulation_steps=cfg.grad_accum,
+        cpu=device == "cpu",
     )
     policy, anchor, tokenizer, reward_fn = runs.load_rl_models(cfg, accelerator.device)
 
-    # Alg. 1, line 3: theta_m <- theta_init; theta_ema_m <- theta_init
-    init = checkpoints.load_state_file(spec.init_path)
-    utils.load_state(policy, init)
-    utils.load_state(anchor, init)
+    # Alg. 1, line 3: theta_m <- theta_init; theta_ema_m <- theta_init (both are loaded as the SFT)
+    if spec.init_path:
+        init = checkpoints.load_state_file(spec.init_path)
+        utils.load_state(policy, init)
+        utils.load_state(anchor, init)
     # dropout off: the gradient must see the distribution that sampled; only the policy learns
     policy.eval().requires_grad_(True)
     anchor.eval().requires_grad_(False).to(accelerator.device)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    # one fused kernel for all parameters on a GPU, one multi-tensor pass per operation on the CPU
+    fused = {"fused": True} if accelerator.device.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, **fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1))
     )
@@ -153,6 +164,7 @@ def train_run(
     for _ in range(step * cfg.grad_accum):  # skip the prompt batches already used
         next(batches)
     bar = tqdm(total=spec.steps, initial=step, desc=run_dir.name, leave=False)
+    stored = False  # whether the store holds the last progress checkpoint
     while step < spec.steps:
         # Alg. 1, lines 5-8: one Adam step over grad_accum micro-batches
         stats, step_start = [], time.perf_counter()
@@ -187,14 +199,19 @@ def train_run(
             checkpoints.save_pretrained_atomic(unwrapped, tokenizer, snapshot, extra={"step": step})
             store.push(snapshot)
         if step % cfg.save_every == 0 and step < spec.steps:
+            if stored:  # the store has the last one: free its 4 model states' worth of disk first
+                progress.unlink(missing_ok=True)
             runs.save_run(progress, accelerator, policy, anchor, optimizer, scheduler, step, history)
-            store.push(progress)
+            stored = store.push(progress)
+            if stored:  # the store has the latest: the local fallback copy is not needed
+                checkpoints.previous(progress).unlink(missing_ok=True)
         if on_step is not None:
             on_step(step, metrics)
     bar.close()
-    checkpoints.atomic_write_text(run_dir / "metrics.json", checkpoints.to_json(history, indent=None))
-    checkpoints.save_state(utils.state_of(accelerator.unwrap_model(policy)), final)
-    store.push(run_dir / "metrics.json", final)
+    if not final.exists():  # else the last snapshot holds the final weights
+        checkpoints.save_state(utils.state_of(accelerator.unwrap_model(policy)), final)
+    checkpoints.atomic_write_text(done, checkpoints.to_json(history, indent=None))
+    store.push(final, done)
     store.delete(progress)  # the result is stored: its progress checkpoint is no longer needed there
     progress.unlink(missing_ok=True)
     checkpoints.previous(progress).unlink(missing_ok=True)
@@ -208,14 +225,6 @@ def train_runs(
     """The unfinished runs of `specs`, one after another or `processes` at a time (one per GPU)."""
     todo = [s for s in specs if not runs.run_finished(s.run_dir)]
     runs.run_parallel(train_run, [(cfg, s, prompts, store) for s in todo], processes)
-
-
-def sft_init(cfg: WarpConfig, sft: nn.Module) -> Path:
-    """`out_dir/iter0/init.pt`: theta_sft as the first theta_init (written once, shared with REINFORCE)."""
-    path = Path(cfg.out_dir) / "iter0" / "init.pt"
-    if not path.exists():
-        checkpoints.save_state(utils.state_of(sft), path)
-    return path
 
 
 def warp(
@@ -235,54 +244,66 @@ def warp(
     paths = {"slerp": out / "final_slerp", "liti": out / "final_liti"}
     store.pull(*paths.values())
     finished = all((p / "config.json").exists() for p in paths.values())
-    sft, tokenizer = utils.load_policy(cfg.sft)
-    sft_init(cfg, sft)  # Alg. 1, line 1: theta_init <- theta_sft
+    sft, tokenizer = utils.load_policy(cfg.sft)  # Alg. 1, line 1: theta_init <- theta_sft (not copied)
     for i in range(cfg.iterations):  # Alg. 1, line 2
-        it, next_init = out / f"iter{i}", out / f"iter{i + 1}" / "init.pt"
+        it, next_init = out / f"iter{i}", out / f"iter{i + 1}" / "init.safetensors"
         store.pull(
             it / "merge.json", *(it / f"run{m}" / "metrics.json" for m in range(cfg.runs))
         )  # for plots
-        if finished:
-            continue
-        store.pull(next_init, it / "slerp.pt")
-        if next_init.exists():  # this iteration is done (in this session or an earlier one)
-            continue
-        init_path = it / "init.pt"
-        store.pull(init_path)
+        if finished or next_init.exists() or store.holds(next_init):
+            continue  # this iteration is done (in this session or an earlier one)
+        init_path = it / "init.safetensors" if i else None  # iteration 0 starts from the SFT itself
+        store.pull(*filter(None, [init_path]))
         # Alg. 1, lines 3-9: M independent runs that differ only in their seed (prompt order, samples)
         specs = [
-            runs.RunSpec(str(it / f"run{m}"), str(init_path), cfg.seed + 1000 * i + m, cfg.steps)
+            runs.RunSpec(str(it / f"run{m}"), str(init_path or ""), cfg.seed + 1000 * i + m, cfg.steps)
             for m in range(cfg.runs)
         ]
         train_runs(cfg, specs, prompts, processes, store)
         if on_event is not None:
             on_event("runs", {"iteration": i, "run_dirs": [s.run_dir for s in specs]})
         # Alg. 1, line 10: theta_slerp <- slerp(theta_init, {theta_m}, lambda = 1/M)
-        init = checkpoints.load_state_file(init_path)
-        policies = [checkpoints.load_state_file(Path(s.run_dir) / "final.pt") for s in specs]
+        finals = [Path(s.run_dir) / "final.safetensors" for s in specs]
+        store.pull(*finals)
+        init = checkpoints.load_state_file(init_path) if init_path else utils.state_of(sft)
+        policies = [checkpoints.load_state_file(f) for f in finals]
         merged = utils.slerp(init, policies)
         runs.check_finite_state(merged, f"the SLERP merge of iteration {i}")
         angles = utils.angle_summary(utils.task_vector_angles(init, policies)) if cfg.runs > 1 else {}
         info = {"iteration": i, **angles}
-        checkpoints.save_state(merged, it / "slerp.pt")
+        checkpoints.save_state(merged, it / "slerp.safetensors")
         checkpoints.atomic_write_text(it / "merge.json", checkpoints.to_json(info))
         # Alg. 1, line 11: theta_init <- (1 - eta) * theta_init + eta * theta_slerp
         checkpoints.save_state(utils.liti(init, merged, cfg.eta), next_init)
-        store.push(it / "slerp.pt", it / "merge.json", next_init)
+        store.push(it / "slerp.safetensors", next_init, it / "merge.json")
+        # merged: what only this merge needed leaves the local disk once the store holds it
+        done_with = [*finals, *filter(None, [init_path])]
+        store.release(*done_with, *([it / "slerp.safetensors"] if i < cfg.iterations - 1 else []))
         if on_event is not None:
             on_event("merge", info)
-    # Alg. 1, line 12: return theta_slerp_I (and the LITI policy, the start of a next iteration)
-    last = out / f"iter{cfg.iterations - 1}"
-    states = {"slerp": last / "slerp.pt", "liti": out / f"iter{cfg.iterations}" / "init.pt"}
-    for name, state_file in states.items():
-        if not (paths[name] / "config.json").exists():
-            utils.load_state(sft, checkpoints.load_state_file(state_file))
-            extra = {"kind": name, **cfg.to_dict()}
-            checkpoints.save_pretrained_atomic(sft, tokenizer, paths[name], extra=extra)
-            store.push(paths[name])
     if not finished:
+        # Alg. 1, line 12: return theta_slerp_I (and the LITI policy, the start of a next iteration)
+        last = out / f"iter{cfg.iterations - 1}"
+        states = {
+            "slerp": last / "slerp.safetensors",
+            "liti": out / f"iter{cfg.iterations}" / "init.safetensors",
+        }
+        for name, state_file in states.items():
+            if not (paths[name] / "config.json").exists():
+                store.pull(state_file)
+                utils.load_state(sft, checkpoints.load_state_file(state_file))
+                extra = {"kind": name, **cfg.to_dict()}
+                checkpoints.save_pretrained_atomic(sft, tokenizer, paths[name], extra=extra)
+        if not store or store.push(*paths.values()):
+            # the final folders hold these two states: no second copy, here or in the store
+            store.delete(*states.values())
+            for state_file in states.values():
+                state_file.unlink(missing_ok=True)
+            if states["liti"].parent.exists() and not any(states["liti"].parent.iterdir()):
+                states["liti"].parent.rmdir()  # iter{I}/ held only that state
         runs.record_minutes(out, "warp", start)
         store.push(out / "timing.json")
+        store.squash()
     return paths
 
 
@@ -298,13 +319,13 @@ def train_reinforce_baseline(cfg: WarpConfig, prompts: list[list[int]], store=No
     total = cfg.iterations * cfg.runs * cfg.steps
     n = cfg.baseline_checkpoints
     points = tuple(sorted({max(1, round(total * (j + 1) / n)) for j in range(n)}))
-    store.pull(out / "final.pt")
+    store.pull(out / "metrics.json")
     finished = runs.run_finished(out)
-    init_path = sft_init(cfg, utils.load_policy(cfg.sft)[0])
-    spec = runs.RunSpec(str(out), str(init_path), cfg.seed + 999_999, total, save_points=points)
-    train_run(cfg, spec, prompts, store)
-    store.pull(*(out / f"step{p:05d}" for p in points))  # snapshots an earlier session made
+    spec = runs.RunSpec(str(out), "", cfg.seed + 999_999, total, save_points=points)  # from the SFT
+    final = train_run(cfg, spec, prompts, store)  # the last snapshot
+    store.release(*(out / f"step{p:05d}" for p in points[:-1]))  # 03 pulls them when it plots them
     if not finished:
         runs.record_minutes(cfg.out_dir, "reinforce", start)
         store.push(Path(cfg.out_dir) / "timing.json")
-    return out / f"step{total:05d}"
+        store.squash()
+    return final

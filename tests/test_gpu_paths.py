@@ -5,9 +5,7 @@ use the GPUs the parent sees and report a child's traceback, and sizes that cann
 from __future__ import annotations
 
 import ast
-import io
 import json
-import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,34 +20,22 @@ import warp
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def as_if_written_on_cuda(path: Path) -> None:
-    """Rewrite a torch.save file so that its tensors say they were saved from cuda:0, as a GPU run's are."""
-    src = zipfile.ZipFile(path)
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as dst:
-        for item in src.infolist():
-            data = src.read(item.filename)
-            if item.filename.endswith("data.pkl"):
-                assert b"X\x03\x00\x00\x00cpu" in data  # protocol-2 pickle of the storage location 'cpu'
-                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
-            dst.writestr(item, data)
-    path.write_bytes(out.getvalue())
-
-
 def test_a_state_written_on_a_gpu_merges_with_one_written_on_the_cpu(tmp_path, make_gpt2):
-    """The crash of 02 at the end of iteration 1: final.pt from a GPU run met iter0/init.pt from the CPU.
-    States now load on the CPU whoever wrote them, and merge with CPU states."""
-    init = utils.state_of(make_gpt2(seed=0))
-    policies = [utils.state_of(make_gpt2(seed=s)) for s in (1, 2)]
+    """The crash of 02 at the end of iteration 1: a run's final state written on a GPU (a torch pickle that
+    remembered cuda:0) met the CPU's init. States are now safetensors, which record no device: they load on
+    the CPU whoever wrote them, tied names share one tensor again, and they merge with CPU states."""
+    init = utils.state_of(make_gpt2(seed=0, tie=True))
+    policies = [utils.state_of(make_gpt2(seed=s, tie=True)) for s in (1, 2)]
     for m, state in enumerate(policies):
-        checkpoints.save_state(state, tmp_path / f"final{m}.pt")
-        as_if_written_on_cuda(tmp_path / f"final{m}.pt")
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA"):  # what a plain torch.load does with such a file
-            torch.load(tmp_path / "final0.pt", weights_only=True)
-    loaded = [checkpoints.load_state_file(tmp_path / f"final{m}.pt") for m in range(2)]
+        checkpoints.save_state(state, tmp_path / f"final{m}.safetensors")
+        raw = (tmp_path / f"final{m}.safetensors").read_bytes()
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        assert "device" not in json.dumps(header) and "lm_head.weight" not in header  # stored once
+    loaded = [checkpoints.load_state_file(tmp_path / f"final{m}.safetensors") for m in range(2)]
     for state, original in zip(loaded, policies, strict=True):
+        assert list(state) == list(original)
         assert all(v.device.type == "cpu" and torch.equal(v, original[k]) for k, v in state.items())
+        assert state["lm_head.weight"] is state["transformer.wte.weight"]
     merged = utils.slerp(init, loaded)
     assert all(torch.equal(merged[k], utils.slerp(init, policies)[k]) for k in merged)
     assert 0 < utils.angle_summary(utils.task_vector_angles(init, loaded))["angle/mean"] < 180
@@ -131,7 +117,7 @@ def test_too_few_prompts_fail_at_once_with_what_to_change(monkeypatch, tmp_path)
     # train_run refuses before loading a model
     monkeypatch.setattr(runs, "load_rl_models", lambda *a: pytest.fail("loaded models"))
     cfg = SimpleNamespace(baseline="none", rloo_k=2, batch_size=8)
-    spec = runs.RunSpec(str(tmp_path / "run"), str(tmp_path / "init.pt"), seed=0, steps=1)
+    spec = runs.RunSpec(str(tmp_path / "run"), str(tmp_path / "init.safetensors"), seed=0, steps=1)
     with pytest.raises(ValueError, match="2 prompt"):
         warp.train_run(cfg, spec, [[1, 2], [3, 4]])
 

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+import checkpoints
 import config
 import utils
 import warp
@@ -104,7 +105,7 @@ def test_warp_policies_are_gpt2_small_after_slerp_and_liti(check):
         assert (cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.n_positions) == (12, 768, 50257, 1024), name
         tok = AutoTokenizer.from_pretrained(warp_dir / name)
         assert len(tok) == 50257 and tok.eos_token_id == 50256, name
-    state = torch.load(warp_dir / "iter1" / "slerp.pt", weights_only=True)
+    state = checkpoints.load_state_file(warp_dir / "iter1" / "init.safetensors")
     assert state["transformer.wte.weight"].shape == (50257, 768)
     assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in state.values())
     history = json.loads((warp_dir / "iter0" / "run0" / "metrics.json").read_text())

@@ -189,8 +189,8 @@ def faulty_run(assets, tmp_path, monkeypatch, fault):
 
     monkeypatch.setattr(runs, "load_rl_models", faulty_models)
     policy, tok = utils.load_policy(cfg.sft)
-    checkpoints.save_state(utils.state_of(policy), tmp_path / "init.pt")
-    spec = runs.RunSpec(str(tmp_path / "run"), str(tmp_path / "init.pt"), seed=0, steps=3)
+    checkpoints.save_state(utils.state_of(policy), tmp_path / "init.safetensors")
+    spec = runs.RunSpec(str(tmp_path / "run"), str(tmp_path / "init.safetensors"), seed=0, steps=3)
     prompts = warp.training_prompts(cfg, tok)[0]
     with pytest.raises(FloatingPointError) as err:
         warp.train_run(cfg, spec, prompts)
@@ -199,7 +199,7 @@ def faulty_run(assets, tmp_path, monkeypatch, fault):
 
 def assert_step1_is_kept(run_dir: Path) -> None:
     state = checkpoints.load_progress(run_dir / "progress.pt")
-    assert state["step"] == 1 and not (run_dir / "final.pt").exists()
+    assert state["step"] == 1 and not (run_dir / "final.safetensors").exists()
     assert all(torch.isfinite(v).all() for v in state["policy"].values())
 
 
@@ -276,10 +276,12 @@ def test_damaged_progress_without_a_previous_one_says_what_to_do(tmp_path):
 
 
 def test_damaged_state_file_is_named(tmp_path, make_gpt2):
-    path = tmp_path / "final.pt"
+    path = tmp_path / "final.safetensors"
     checkpoints.save_state(utils.state_of(make_gpt2()), path)
     path.write_bytes(path.read_bytes()[:-500])
-    with pytest.raises(RuntimeError, match=r"final\.pt is damaged or incomplete .* delete it and rerun"):
+    with pytest.raises(
+        RuntimeError, match=r"final\.safetensors is damaged or incomplete .* delete it and rerun"
+    ):
         checkpoints.load_state_file(path)
 
 

@@ -171,6 +171,22 @@ def test_score_texts_is_padding_invariant_and_float32(kind, bert_tokenizer, make
         torch.testing.assert_close(got, one_by_one, rtol=1e-5, atol=1e-5)
 
 
+def test_score_texts_pads_each_batch_of_similar_lengths_only_to_its_longest(
+    bert_tokenizer, make_reward_model
+):
+    """Texts are scored in length order, so a short text never waits on a 512-token one: each batch is as
+    wide as its own longest text, and the total padding is the least any split into batches gives."""
+    rm = make_reward_model("bert", vocab_size=len(bert_tokenizer), seed=1)
+    texts = [" ".join([LONG] * 3), "dull.", " ".join([LONG] * 2), "fine film.", LONG, "bad."]
+    lengths = [len(ids) for ids in bert_tokenizer(texts, truncation=True, max_length=128)["input_ids"]]
+    widths, forward = [], rm.forward
+    rm.forward = lambda input_ids, **kw: widths.append(input_ids.shape) or forward(input_ids=input_ids, **kw)
+    utils.score_texts(rm, bert_tokenizer, texts, batch_size=2, max_length=128)
+    by_length = sorted(lengths)
+    assert widths == [(2, max(by_length[i : i + 2])) for i in range(0, 6, 2)]
+    assert sum(2 * w for _, w in widths) < 6 * max(lengths)  # far less than padding all to the longest
+
+
 def test_score_texts_truncates_and_handles_empty_input(bert_tokenizer, make_reward_model):
     """Texts longer than the encoder's positions are truncated to max_length; no text gives an empty (0,)."""
     rm = make_reward_model("bert", vocab_size=len(bert_tokenizer))

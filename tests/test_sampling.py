@@ -132,6 +132,30 @@ def test_sample_completions_restores_training_mode_and_masks_after_eos(make_gpt2
             assert k == comps.shape[1]
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_the_kv_cache_loop_draws_what_generate_draws(make_gpt2, temperature):
+    """From the same random state, the lean KV-cache loop samples exactly `generate`'s tokens, for left-padded
+    prompts of several lengths, over many steps, rows finishing early padded the same way; and it stops
+    once every row has its EOS (no step after that), as `generate` does."""
+    model = peaked_gpt2(make_gpt2, seed=6)
+    prompts = [[5, 6, 7, 8, 9, 10], [12, 4], [30, 31, 32, 33]] * 6
+    ids, pmask = utils.left_pad(prompts, pad_id=1)
+    eos = int(next_token_probs(model, prompts[0], 1.0).argsort(descending=True)[3])
+    torch.manual_seed(11)
+    ours, mask = utils.sample_completions(
+        model, ids, pmask, max_new_tokens=24, temperature=temperature, eos_token_id=eos, pad_token_id=1
+    )
+    torch.manual_seed(11)
+    saved, model.generation_config = model.generation_config, utils.sampling_config(24, temperature, eos, 1)
+    with torch.no_grad():
+        theirs = model.generate(input_ids=ids, attention_mask=pmask)[:, ids.shape[1] :]
+    model.generation_config = saved
+    assert torch.equal(ours, theirs)
+    assert (ours == eos).any(1).sum() > 0 and mask.sum() < mask.numel()  # some rows finished early
+    if (ours == eos).any(1).all():  # all finished: the loop stopped at the last first-EOS
+        assert ours.shape[1] == int(mask.sum(1).max())
+
+
 def test_completion_mask_up_to_and_including_first_eos():
     """completion_mask is True up to and including the first EOS and False after it."""
     eos = 2

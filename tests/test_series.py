@@ -100,7 +100,7 @@ def test_mu_sweep_notebook_reuses_training_and_skips_finished(series):
     table = pd.read_csv(ck / "mu_sweep" / "mu_sweep.csv", index_col=0)
     assert list(table.index) == ["SFT", "mu=0.01", "mu=0.1"]
     assert (ck / "mu_sweep" / "mu_sweep.png").stat().st_size > 0
-    finals = [ck / "mu_sweep" / f"mu={mu}" / "iter0" / "run0" / "final.pt" for mu in (0.01, 0.1)]
+    finals = [ck / "mu_sweep" / f"mu={mu}" / "iter0" / "run0" / "final.safetensors" for mu in (0.01, 0.1)]
     stamps = [f.stat().st_mtime_ns for f in finals]
     run_notebook("04_mu_sweep", work, **params)
     assert [f.stat().st_mtime_ns for f in finals] == stamps  # nothing retrained

@@ -75,6 +75,21 @@ def run_warp(assets, ck: Path, store: Path) -> dict[str, Path]:
 
 def test_a_dead_session_resumes_from_the_store_bitwise(assets, tmp_path, monkeypatch):
     whole = run_warp(assets, tmp_path / "whole" / "ck", tmp_path / "whole" / "store")
+    # what the store holds leaves the local disk once no next step needs it; nothing is kept twice
+    local, stored = (
+        {
+            p.relative_to(tmp_path / "whole" / k / "warp").as_posix()
+            for p in (tmp_path / "whole" / k).rglob("*.*")
+        }
+        for k in ("ck", "store")
+    )
+    states = {f"iter{i}/run{m}/final.safetensors" for i in range(2) for m in range(2)}
+    states |= {"iter0/slerp.safetensors", "iter1/init.safetensors"}
+    assert states <= stored and not states & local, "run finals and merged states: in the store, not local"
+    duplicates = {"iter0/init.safetensors", "iter1/slerp.safetensors", "iter2/init.safetensors"}
+    assert not duplicates & (local | stored), "the SFT, the last SLERP and the last LITI are the finals"
+    assert not any("progress" in f for f in local | stored), "progress checkpoints are gone once runs end"
+    assert {"final_slerp/model.safetensors", "final_liti/model.safetensors"} <= local & stored
 
     # session 1: a process killed (SIGKILL) once the store holds a progress checkpoint of a random run
     ck, store = tmp_path / "dead" / "ck", tmp_path / "dead" / "store"
@@ -90,7 +105,9 @@ def test_a_dead_session_resumes_from_the_store_bitwise(assets, tmp_path, monkeyp
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     assert progress.exists(), f"the child never checkpointed {victim}"
-    assert not (store / "warp" / victim / "final.pt").exists(), "killed after the run ended, not inside it"
+    assert not (store / "warp" / victim / "metrics.json").exists(), (
+        "killed after the run ended, not inside it"
+    )
     stored_step = torch.load(progress, weights_only=False)["step"]
 
     # session 2: a new machine, nothing local; it resumes from the store
@@ -205,3 +222,31 @@ def test_a_failed_push_warns_and_training_goes_on(tmp_path, monkeypatch):
         checkpoints.Store("me/warp", tmp_path, token="hf_x").push(tmp_path / "warp" / "progress.pt")
     with pytest.warns(UserWarning, match=r"outside .*: not pushed"):
         checkpoints.Store(str(tmp_path / "drive"), tmp_path / "warp").push(tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("kind", ["folder", "hub"])
+def test_release_frees_only_what_the_store_holds_and_pull_brings_it_back(tmp_path, monkeypatch, kind):
+    """`release` deletes a local copy only when the store has it (never the only copy); pulling into a folder
+    that exists fetches the entries it lacks (the released REINFORCE snapshots), each folder whole."""
+    root = tmp_path / "ck" / "reinforce"
+    for step in ("step00001", "step00002"):
+        (root / step).mkdir(parents=True)
+        (root / step / "model.safetensors").write_bytes(step.encode())
+    (root / "metrics.json").write_text("[]")
+    if kind == "hub":
+        files = {}
+        FakeHub(files).install(monkeypatch)
+        store = checkpoints.Store("me/warp", tmp_path / "ck", token="hf_x")
+        for step in ("step00001", "step00002"):  # as if pushed
+            files[f"reinforce/{step}/model.safetensors"] = step.encode()
+    else:
+        store = checkpoints.Store(str(tmp_path / "drive"), tmp_path / "ck")
+        assert store.push(root / "step00001", root / "step00002")
+    assert not checkpoints.Store("", tmp_path / "ck").push(root)  # no store: nothing pushed, says so
+    checkpoints.Store("", tmp_path / "ck").release(root / "step00001")
+    assert (root / "step00001").exists(), "without a store the local copy is the only one"
+    store.release(root / "step00001", root / "metrics.json")
+    assert not (root / "step00001").exists(), "held by the store: freed"
+    assert (root / "metrics.json").exists(), "not in the store: kept"
+    store.pull(root)  # the folder exists: its missing entries come back
+    assert (root / "step00001" / "model.safetensors").read_bytes() == b"step00001"

@@ -141,15 +141,15 @@ def test_anchor_moves_by_exactly_mu_of_the_gap(assets, tmp_path):
     prompts = prompts_of(cfg)
     policy, _ = utils.load_policy(cfg.sft)
     init = utils.state_of(policy)
-    checkpoints.atomic_torch_save(init, tmp_path / "init.pt")
-    spec = runs.RunSpec(str(tmp_path / "run"), str(tmp_path / "init.pt"), seed=0, steps=2)
+    checkpoints.save_state(init, tmp_path / "init.safetensors")
+    spec = runs.RunSpec(str(tmp_path / "run"), str(tmp_path / "init.safetensors"), seed=0, steps=2)
 
     def stop(step, metrics):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         warp.train_run(cfg, spec, prompts, on_step=stop)
-    ckpt = torch.load(tmp_path / "run" / "progress.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "progress.pt", weights_only=True)
     assert ckpt["step"] == 1
     moved = 0
     for k in init:
@@ -170,7 +170,7 @@ def run_weights(cfg, prompts, run_dir, init_path, seed=0, stop_at=None):
         with pytest.raises(KeyboardInterrupt):
             warp.train_run(cfg, spec, prompts, on_step=stop)
         assert not runs.run_finished(run_dir)
-    return torch.load(warp.train_run(cfg, spec, prompts), weights_only=True)
+    return checkpoints.load_state_file(warp.train_run(cfg, spec, prompts))
 
 
 def test_interrupted_run_resumes_bitwise(assets, tmp_path):
@@ -178,12 +178,12 @@ def test_interrupted_run_resumes_bitwise(assets, tmp_path):
     cfg = make_cfg(assets, tmp_path / "out", steps=4, grad_accum=2)
     prompts = prompts_of(cfg)
     policy, _ = utils.load_policy(cfg.sft)
-    checkpoints.atomic_torch_save(utils.state_of(policy), tmp_path / "init.pt")
-    whole = run_weights(cfg, prompts, tmp_path / "whole", tmp_path / "init.pt")
-    resumed = run_weights(cfg, prompts, tmp_path / "resumed", tmp_path / "init.pt", stop_at=2)
+    checkpoints.save_state(utils.state_of(policy), tmp_path / "init.safetensors")
+    whole = run_weights(cfg, prompts, tmp_path / "whole", tmp_path / "init.safetensors")
+    resumed = run_weights(cfg, prompts, tmp_path / "resumed", tmp_path / "init.safetensors", stop_at=2)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert any(not torch.equal(whole[k], utils.state_of(policy)[k]) for k in whole)  # training did move
-    other_seed = run_weights(cfg, prompts, tmp_path / "seed1", tmp_path / "init.pt", seed=1)
+    other_seed = run_weights(cfg, prompts, tmp_path / "seed1", tmp_path / "init.safetensors", seed=1)
     assert any(not torch.equal(whole[k], other_seed[k]) for k in whole)
 
 
@@ -192,52 +192,62 @@ def test_parallel_runs_equal_sequential(assets, tmp_path):
     cfg = make_cfg(assets, tmp_path / "out", steps=2)
     prompts = prompts_of(cfg)
     policy, _ = utils.load_policy(cfg.sft)
-    checkpoints.atomic_torch_save(utils.state_of(policy), tmp_path / "init.pt")
+    checkpoints.save_state(utils.state_of(policy), tmp_path / "init.safetensors")
     specs = lambda root: [
-        runs.RunSpec(str(root / f"run{m}"), str(tmp_path / "init.pt"), m, 2) for m in range(2)
+        runs.RunSpec(str(root / f"run{m}"), str(tmp_path / "init.safetensors"), m, 2) for m in range(2)
     ]
     warp.train_runs(cfg, specs(tmp_path / "seq"), prompts, processes=1)
     warp.train_runs(cfg, specs(tmp_path / "par"), prompts, processes=2)
     for m in range(2):
-        a = torch.load(tmp_path / "seq" / f"run{m}" / "final.pt", weights_only=True)
-        b = torch.load(tmp_path / "par" / f"run{m}" / "final.pt", weights_only=True)
+        a = checkpoints.load_state_file(tmp_path / "seq" / f"run{m}" / "final.safetensors")
+        b = checkpoints.load_state_file(tmp_path / "par" / f"run{m}" / "final.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_warp_outer_loop_slerp_then_liti(assets, tmp_path):
-    """Alg. 1 lines 10-12: each iteration's init is LITI(init, SLERP(runs), eta); finals are loadable."""
+    """Alg. 1 lines 10-12: each iteration's init is LITI(init, SLERP(runs), eta), the first init is the
+    SFT; finals are loadable and no state is kept twice (SFT copy, last SLERP and LITI beside the finals)."""
     cfg = make_cfg(assets, tmp_path / "out", steps=2, iterations=2, runs=2, eta=0.3)
     prompts = prompts_of(cfg)
     paths = warp.warp(cfg, prompts)
     out = tmp_path / "out"
+    slerp_model, _ = utils.load_policy(str(paths["slerp"]))
+    liti_model, _ = utils.load_policy(str(paths["liti"]))
+    init = utils.state_of(utils.load_policy(cfg.sft)[0])  # Alg. 1, line 1: theta_init = theta_sft
     for i in range(2):
-        init = torch.load(out / f"iter{i}" / "init.pt", weights_only=True)
-        finals = [torch.load(out / f"iter{i}" / f"run{m}" / "final.pt", weights_only=True) for m in range(2)]
+        finals = [
+            checkpoints.load_state_file(out / f"iter{i}" / f"run{m}" / "final.safetensors") for m in range(2)
+        ]
         merged = utils.slerp(init, finals)
-        nxt = torch.load(out / f"iter{i + 1}" / "init.pt", weights_only=True)
+        last = i == 1
+        nxt = (
+            utils.state_of(liti_model)
+            if last
+            else checkpoints.load_state_file(out / "iter1" / "init.safetensors")
+        )
         for k in init:
             assert torch.equal(
                 nxt[k], (init[k] + cfg.eta * (merged[k] - init[k])).to(init[k].dtype)
             ) or torch.allclose(nxt[k], 0.7 * init[k] + 0.3 * merged[k], atol=1e-6)
+        if last:
+            assert all(torch.equal(utils.state_of(slerp_model)[k], merged[k]) for k in merged)
         angles = json.loads((out / f"iter{i}" / "merge.json").read_text())
         assert 0 < angles["angle/mean"] < 180
-    slerp_model, _ = utils.load_policy(str(paths["slerp"]))
-    last = torch.load(out / "iter1" / "slerp.pt", weights_only=True)
-    assert all(torch.equal(utils.state_of(slerp_model)[k], last[k]) for k in last)
-    liti_model, _ = utils.load_policy(str(paths["liti"]))
-    final_init = torch.load(out / "iter2" / "init.pt", weights_only=True)
-    assert all(torch.equal(utils.state_of(liti_model)[k], final_init[k]) for k in final_init)
+        init = nxt
+    duplicates = [out / "iter0" / "init.safetensors", out / "iter1" / "slerp.safetensors", out / "iter2"]
+    assert not any(p.exists() for p in duplicates)
     # a second call finds everything done and changes nothing, not even the recorded training time
-    before = (out / "iter1" / "slerp.pt").stat().st_mtime_ns
+    weights = paths["slerp"] / "model.safetensors"
+    before = weights.stat().st_mtime_ns
     minutes = runs.stage_minutes(out)
     assert minutes["warp"] > 0
     warp.warp(cfg, prompts)
-    assert (out / "iter1" / "slerp.pt").stat().st_mtime_ns == before
+    assert weights.stat().st_mtime_ns == before
     assert runs.stage_minutes(out) == minutes
     # a restart with other settings is refused before any compute, naming what changed
     with pytest.raises(ValueError, match=r"lr: 0\.0001 -> 0\.001"):
         warp.warp(make_cfg(assets, out, steps=2, iterations=2, runs=2, eta=0.3, lr=1e-3), prompts)
-    assert (out / "iter1" / "slerp.pt").stat().st_mtime_ns == before
+    assert weights.stat().st_mtime_ns == before
 
 
 def test_claim_out_dir_allows_only_harmless_changes(assets, tmp_path):
