@@ -151,6 +151,15 @@ def sampling_config(max_new_tokens: int, temperature: float, eos_token_id: int, 
     )  # fmt: skip
 
 
+def sample_categorical(logits: Tensor) -> Tensor:
+    """(B,) one draw from softmax(logits) per row of (B, V) logits, by inverting the cumulative
+    distribution at a uniform draw: exact, and on the CPU 20-40x faster than `torch.multinomial`. A token
+    of zero probability is never drawn (`right=True` skips a flat step of the CDF)."""
+    cdf = logits.softmax(-1).cumsum(-1)
+    u = torch.rand(logits.shape[0], 1, device=logits.device) * cdf[:, -1:]  # cdf[-1] is 1 up to rounding
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=logits.shape[1] - 1)
+
+
 @torch.no_grad()
 def sample_completions(
     policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, temperature: float,
@@ -161,9 +170,9 @@ def sample_completions(
     Plain ancestral sampling from softmax(logits / T) over the whole vocabulary with a KV cache, whatever
     the model's own generation_config says; it stops as soon as every row has produced EOS. Finished rows
     are padded (with EOS unless `pad_token_id`), and the mask keeps tokens up to and including the first
-    EOS: padding was never sampled, so it must not count in log-probs, KL or the loss. Draws the same
-    tokens as `generate(**sampling_config(...))` from the same random state, without its per-token
-    machinery (logits processors, stopping criteria), which dominates the time of small models.
+    EOS: padding was never sampled, so it must not count in log-probs, KL or the loss. It samples from
+    the law of `generate(**sampling_config(...))` without its per-token machinery (logits processors,
+    stopping criteria, `torch.multinomial`), which dominates the time of small models.
     """
     pad = eos_token_id if pad_token_id is None else pad_token_id
     # the KV cache argument is `cache` from transformers 5.x on, `past_key_values` before
@@ -180,8 +189,7 @@ def sample_completions(
         finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
         tokens = []
         for t in range(max_new_tokens):
-            probs = (out.logits[:, -1].float() / temperature).softmax(-1)
-            token = torch.multinomial(probs, 1).squeeze(1).masked_fill(finished, pad)
+            token = sample_categorical(out.logits[:, -1].float() / temperature).masked_fill(finished, pad)
             tokens.append(token)
             finished |= token == eos_token_id
             if t == max_new_tokens - 1 or bool(finished.all()):

@@ -15,6 +15,7 @@ times). The table also goes to `<out>/gpu_check.json` and `<out>/gpu_check.md`.
 
     python bench/gpu_check.py                  # the check, about 8 minutes on one GPU
     python bench/gpu_check.py --smoke          # one step of everything: what the CPU test runs
+    python bench/gpu_check.py --disk           # the local disk the series needs with a store (CPU is fine)
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ SMOKE = {
     "04_mus": [0.025],
     "04_eval": dict(n_prompts=2, samples_per_prompt=1, max_new_tokens=8),
 }
+# The disk check: one step of everything, but as many states as the imdb defaults keep (I = 2, M = 2, five
+# REINFORCE snapshots, three mu values of which 02's is reused) and a folder store, as on Kaggle with STORE.
+DISK = {
+    **SMOKE,
+    "02": dict(SMOKE["02"], steps=2, save_every=1, baseline_checkpoints=5),
+    "04": dict(SMOKE["02"], steps=2, save_every=1),
+    "04_mus": [0.01, 0.025, 0.05],
+}
 # The imdb defaults the projections are for (01's RewardConfig, WarpConfig, EvalConfig, 04's MUS).
 IMDB_01_STEPS, IMDB_01_VAL_PAIRS, IMDB_01_EPOCHS = 15 * 1000, 6400, 15
 IMDB_02_STEPS = 2 * 2 * 100 * 2  # I x M x T of WARP, and as many REINFORCE steps
@@ -91,6 +100,39 @@ def native_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+class PeakDisk:
+    """Samples the size of a folder in a background thread; `peak` is the largest seen (bytes)."""
+
+    def __init__(self, folder: Path, every: float = 0.2):
+        import threading
+
+        self.folder, self.every, self.peak = folder, every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _size(self) -> int:
+        total = 0
+        for path in self.folder.rglob("*"):
+            try:
+                total += path.stat().st_size if path.is_file() else 0
+            except FileNotFoundError:  # renamed or deleted while walking
+                pass
+        return total
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every):
+            self.peak = max(self.peak, self._size())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._size())
+
+
 def run_notebook(name: str, work: Path, **parameters) -> float:
     """Execute `name`.ipynb on the imdb preset with papermill; return its wall seconds."""
     import os
@@ -101,9 +143,13 @@ def run_notebook(name: str, work: Path, **parameters) -> float:
     start = time.time()
     papermill.execute_notebook(
         str(ROOT / f"{name}.ipynb"), str(work / f"{name}.out.ipynb"), cwd=str(work), kernel_name="python3",
-        progress_bar=False, parameters={"PRESET": "imdb", "CHECKPOINTS": str(work / "ck"), **parameters},
+        progress_bar=False,
+        parameters={"PRESET": "imdb", "CHECKPOINTS": str(work / "ck"), "STORE": STORE, **parameters},
     )  # fmt: skip
     return time.time() - start
+
+
+STORE = ""  # the checkpoint store the notebooks get (`--disk` sets a folder beside the checkpoints)
 
 
 def rl_speed(run_dirs: list[Path], rows_per_step: int) -> dict[str, float]:
@@ -123,6 +169,17 @@ def run_check(out: Path, sizes: dict, shared: Path | None = None) -> dict:
     result = {"machine": machine(), "assets_seconds": time.time() - start, "stages": {}}
     stages = result["stages"]
     ck = out / "ck"
+    with PeakDisk(ck) as disk:
+        run_stages(out, ck, assets, sizes, stages)
+    result["total_seconds"] = time.time() - start
+    result["disk_gb"] = sum(p.stat().st_size for p in ck.rglob("*") if p.is_file()) / 1e9
+    result["disk_peak_gb"] = disk.peak / 1e9
+    result["store"] = STORE or None
+    return result
+
+
+def run_stages(out: Path, ck: Path, assets: dict, sizes: dict, stages: dict) -> None:
+    """The four notebooks at `sizes`, each stage's measurements added to `stages`."""
 
     # 01: fp16 (or none on the CPU), then bf16 where it is native
     reward = dict(reward_base=assets["reward_base"], data=assets["data"], **sizes["01"])
@@ -163,9 +220,6 @@ def run_check(out: Path, sizes: dict, shared: Path | None = None) -> dict:
         sorted((ck / "mu_sweep").glob("mu=*/iter*/run*")), sweep["batch_size"] * sweep["grad_accum"]
     )
     stages["04"] = {"wall s": wall, **speed, "projected imdb min": speed["s/step"] * IMDB_04_STEPS / 60}
-    result["total_seconds"] = time.time() - start
-    result["disk_gb"] = sum(p.stat().st_size for p in ck.rglob("*") if p.is_file()) / 1e9
-    return result
 
 
 def table(result: dict) -> str:
@@ -175,7 +229,8 @@ def table(result: dict) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
     lines = [
         f"GPU: {m['gpu']} (x{m['gpus']}), torch {m['torch']}, CUDA {m['cuda']}; "
-        f"total {result['total_seconds'] / 60:.1f} min, checkpoints {result['disk_gb']:.1f} GB",
+        f"total {result['total_seconds'] / 60:.1f} min; local checkpoints {result['disk_gb']:.1f} GB at the "
+        f"end, {result['disk_peak_gb']:.1f} GB at the peak (store: {result['store'] or 'none'})",
         "",
         "| stage | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",
@@ -193,6 +248,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--out", default="runs/gpu_check", help="working folder (assets, checkpoints, results)"
     )
     parser.add_argument("--smoke", action="store_true", help="one step of every stage (the CPU test)")
+    parser.add_argument(
+        "--disk", action="store_true",
+        help="one step of everything with the imdb defaults' number of states and a folder store: the local "
+        "disk the series needs on Kaggle/Colab (peak and end)",
+    )  # fmt: skip
     parser.add_argument("--shared", default=None, help="folder with gpt2_tokenizer/ and imdb_train_4k.jsonl")
     args = parser.parse_args(argv)
     shared = Path(args.shared) if args.shared else None
@@ -200,7 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     if reason:
         raise SystemExit(reason)
     out = Path(args.out)
-    result = run_check(out, SMOKE if args.smoke else CHECK, shared)
+    global STORE
+    STORE = str((out / "store").resolve()) if args.disk else ""
+    result = run_check(out, DISK if args.disk else SMOKE if args.smoke else CHECK, shared)
     text = table(result)
     (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
     (out / "gpu_check.md").write_text(text + "\n")

@@ -132,28 +132,47 @@ def test_sample_completions_restores_training_mode_and_masks_after_eos(make_gpt2
             assert k == comps.shape[1]
 
 
-@pytest.mark.parametrize("temperature", [0.7, 1.0])
-def test_the_kv_cache_loop_draws_what_generate_draws(make_gpt2, temperature):
-    """From the same random state, the lean KV-cache loop samples exactly `generate`'s tokens, for left-padded
-    prompts of several lengths, over many steps, rows finishing early padded the same way; and it stops
-    once every row has its EOS (no step after that), as `generate` does."""
+def test_sample_categorical_draws_the_softmax_law_and_never_a_zero_probability_token():
+    """Inverse-CDF sampling gives softmax(logits) row by row: frequencies within sampling noise of the law,
+    no token of probability 0 ever, each row its own law."""
+    g = torch.Generator().manual_seed(0)
+    logits = 2.0 * torch.randn(2, 40, generator=g)
+    logits[0, ::3] = -math.inf  # a third of the vocabulary impossible in row 0
+    n = 20000
+    torch.manual_seed(5)
+    draws = utils.sample_categorical(logits.repeat(n, 1)).view(n, 2)
+    for row in range(2):
+        p = logits[row].double().softmax(-1)
+        freq = torch.bincount(draws[:, row], minlength=40).double() / n
+        noise = 0.5 * float(torch.sqrt(2 * p * (1 - p) / (math.pi * n)).sum())
+        assert total_variation(freq, p) < 3 * noise, row
+        other = logits[1 - row].double().softmax(-1)
+        assert total_variation(other, p) > 6 * noise  # power: the other row's law is far outside the noise
+    assert not draws[:, 0][(draws[:, 0] % 3) == 0].numel(), "a token of probability 0 was drawn"
+
+
+def test_the_kv_cache_loop_continues_like_generate(make_gpt2):
+    """At a temperature so low that sampling is the argmax, the lean KV-cache loop writes exactly what
+    `generate` writes greedily: same cache, positions of left-padded rows, EOS padding and early stop."""
     model = peaked_gpt2(make_gpt2, seed=6)
-    prompts = [[5, 6, 7, 8, 9, 10], [12, 4], [30, 31, 32, 33]] * 6
+    prompts = [[5, 6, 7, 8, 9, 10], [12, 4], [30, 31, 32, 33], [7], [44, 3, 9]]
     ids, pmask = utils.left_pad(prompts, pad_id=1)
-    eos = int(next_token_probs(model, prompts[0], 1.0).argsort(descending=True)[3])
-    torch.manual_seed(11)
-    ours, mask = utils.sample_completions(
-        model, ids, pmask, max_new_tokens=24, temperature=temperature, eos_token_id=eos, pad_token_id=1
-    )
-    torch.manual_seed(11)
-    saved, model.generation_config = model.generation_config, utils.sampling_config(24, temperature, eos, 1)
     with torch.no_grad():
-        theirs = model.generate(input_ids=ids, attention_mask=pmask)[:, ids.shape[1] :]
-    model.generation_config = saved
-    assert torch.equal(ours, theirs)
+        greedy = model.generate(
+            input_ids=ids, attention_mask=pmask, do_sample=False, max_new_tokens=24, eos_token_id=2,
+            pad_token_id=1,
+        )[:, ids.shape[1] :]  # fmt: skip
+    eos = int(torch.mode(greedy[:, 3]).values)  # a token some rows write early: they stop there
+    with torch.no_grad():
+        greedy = model.generate(
+            input_ids=ids, attention_mask=pmask, do_sample=False, max_new_tokens=24, eos_token_id=eos,
+            pad_token_id=1,
+        )[:, ids.shape[1] :]  # fmt: skip
+    ours, mask = utils.sample_completions(
+        model, ids, pmask, max_new_tokens=24, temperature=1e-6, eos_token_id=eos, pad_token_id=1
+    )
+    assert torch.equal(ours, greedy)
     assert (ours == eos).any(1).sum() > 0 and mask.sum() < mask.numel()  # some rows finished early
-    if (ours == eos).any(1).all():  # all finished: the loop stopped at the last first-EOS
-        assert ours.shape[1] == int(mask.sum(1).max())
 
 
 def test_completion_mask_up_to_and_including_first_eos():

@@ -250,3 +250,62 @@ def test_release_frees_only_what_the_store_holds_and_pull_brings_it_back(tmp_pat
     assert (root / "metrics.json").exists(), "not in the store: kept"
     store.pull(root)  # the folder exists: its missing entries come back
     assert (root / "step00001" / "model.safetensors").read_bytes() == b"step00001"
+
+
+def run_04(work: Path, params: dict) -> None:
+    from tests.notebook import run_notebook
+
+    work.mkdir(parents=True, exist_ok=True)
+    run_notebook("04_mu_sweep", work, **params)
+
+
+def test_04_killed_mid_sweep_resumes_from_the_store_bitwise(assets, tmp_path):
+    """04 killed (SIGKILL, kernel and all) inside the second mu's runs, after the store got one of its
+    progress checkpoints, its local files lost: the rerun takes the first mu from the store, resumes the
+    second where the store left it, and ends with the weights of an uninterrupted sweep."""
+    import shutil
+
+    import psutil
+    from safetensors.torch import load_file
+
+    settings = {**assets, **SETTINGS, "iterations": 1, "reward_max_length": 64}
+    evals = {"n_prompts": 4, "samples_per_prompt": 1, "max_new_tokens": 4}
+    params = {"PRESET": "offline", "CHECKPOINTS": "ck", "MUS": [0.01, 0.1], "OVERRIDES": settings}
+    params["EVAL_OVERRIDES"] = evals
+    run_04(tmp_path / "whole", params)
+
+    work, drive = tmp_path / "dead", tmp_path / "drive"
+    work.mkdir()
+    params = {**params, "STORE": str(drive)}
+    code = (
+        "import papermill, sys; papermill.execute_notebook(sys.argv[1], sys.argv[2], parameters="
+        f"{params!r}, cwd=sys.argv[3], kernel_name='python3', progress_bar=False)"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    env.pop("HF_TOKEN", None)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(ROOT / "04_mu_sweep.ipynb"), str(work / "out.ipynb"), str(work)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    second = drive / "mu_sweep" / "mu=0.1" / "iter0"
+    deadline = time.time() + 600
+    while not list(second.glob("run*/progress.pt")) and child.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    victims = [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
+    for p in victims:  # papermill and its kernel (which jupyter starts in a session of its own)
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=30)
+    child.wait()
+    assert list(second.glob("run*/progress.pt")), "the child never checkpointed the second mu"
+    assert (drive / "mu_sweep" / "mu=0.01" / "final_slerp").exists(), "killed before the first mu ended"
+    assert not (drive / "mu_sweep" / "mu=0.1" / "final_slerp").exists(), "killed after the sweep ended"
+
+    shutil.rmtree(work / "ck")  # the new session has nothing local
+    run_04(work, {k: v for k, v in params.items()})
+    for mu in (0.01, 0.1):
+        final = Path("ck") / "mu_sweep" / f"mu={mu}" / "final_slerp" / "model.safetensors"
+        a, b = load_file(str(work / final)), load_file(str(tmp_path / "whole" / final))
+        assert all(torch.equal(a[k], b[k]) for k in a), mu
