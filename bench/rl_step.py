@@ -254,6 +254,16 @@ def scale_config(scale: Scale, assets: dict, smoke: bool, threads: int, out_dir:
     )
 
 
+def policy_tokenizer(sft: str):
+    """The policy's tokenizer as `utils.load_policy` sets it up (left padding, pad = EOS), no model."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return tokenizer
+
+
 def bench_prompts(cfg, tokenizer, n: int) -> list[list[int]]:
     """The first `n` training prompts of the scale's data (cut by tokens, as 02 cuts them)."""
     import warp
@@ -285,7 +295,8 @@ def worker_ours(scale: Scale, assets: dict, steps: int, warmup: int, threads: in
         for module_name, fn_name in targets:
             module = importlib.import_module(module_name)
             phase_of = _grad_phase if phase == "logprobs" else (lambda *a, _p=phase, **k: _p)
-            on_result = _record_generation(seen) if phase == "generation" else None
+            # the sampler's calls are counted; the tensors are read after the run (no sync inside a step)
+            on_result = (lambda a, k, out: seen["generation"].append(out)) if phase == "generation" else None
             setattr(module, fn_name, clock.wrap(getattr(module, fn_name), phase_of, on_result))
 
     loaded = {}
@@ -308,7 +319,7 @@ def worker_ours(scale: Scale, assets: dict, steps: int, warmup: int, threads: in
 
     with tempfile.TemporaryDirectory(prefix="bench_rl_ours_") as tmp:
         cfg = scale_config(scale, assets, smoke, threads, tmp, total)
-        _, tokenizer = utils.load_policy(cfg.sft)
+        tokenizer = policy_tokenizer(cfg.sft)  # the tokenizer only: a model loaded here would count in memory
         prompts = bench_prompts(cfg, tokenizer, PROMPTS_PER_STEP * total)
         if threads:
             torch.set_num_threads(threads)
@@ -318,16 +329,17 @@ def worker_ours(scale: Scale, assets: dict, steps: int, warmup: int, threads: in
             torch.cuda.reset_peak_memory_stats()
         warp.train_run(cfg, spec, prompts, on_step=on_step, device=device)
     memory, memory_kind = peak_memory()
-    check_counts("ours", total, step_times, seen)
+    check_counts("ours", total, step_times, [out[0].shape[0] for out in seen["generation"]])
 
     # what each step processed: shapes from the generation calls, reward tokens from the scored texts
     from transformers import AutoTokenizer
 
     reward_tok = AutoTokenizer.from_pretrained(cfg.reward_model)
     rows = []
-    for (b, p, length, gen_tokens, prompt_tokens), args in zip(
-        seen["generation"], seen["reward_args"], strict=True
-    ):
+    seen["prompt_groups"] = []
+    for args in seen["reward_args"]:
+        b, p, length, gen_tokens, prompt_tokens, groups = work_of(*args)
+        seen["prompt_groups"].append(groups)
         texts = utils.decode_texts(loaded["tokenizer"], *args)
         r = reward_tokens(reward_tok, texts, cfg.reward_batch_size, cfg.reward_max_length)
         rows.append(
@@ -355,41 +367,32 @@ def worker_ours(scale: Scale, assets: dict, steps: int, warmup: int, threads: in
     }
 
 
-def check_counts(side: str, total: int, step_times: list, seen: dict) -> None:
-    """Each optimizer step generated once, 32 completions, and was timed once."""
-    calls = seen["generation"]
-    if len(step_times) != total or len(calls) != total:
+def check_counts(side: str, total: int, step_times: list, rows_per_call: list[int]) -> None:
+    """Each optimizer step was timed once and generated once, 32 completions."""
+    if len(step_times) != total or len(rows_per_call) != total:
         raise RuntimeError(
-            f"{side}: {len(step_times)} timed steps, {len(calls)} generation calls, not {total}"
+            f"{side}: {len(step_times)} timed steps, {len(rows_per_call)} generation calls, not {total}"
         )
-    rows = {c[0] for c in calls}
+    rows = set(rows_per_call)
     if rows != {PROMPTS_PER_STEP * SAMPLES_PER_PROMPT}:
         raise RuntimeError(
             f"{side}: {sorted(rows)} completions per step, not {PROMPTS_PER_STEP * SAMPLES_PER_PROMPT}"
         )
 
 
-def _record_generation(seen):
-    """on_result of the sampler: (rows, prompt width, completion width, generated tokens, prompt tokens)."""
-
-    def record(args, kwargs, out):
-        prompt_ids = kwargs.get("prompt_ids", args[1] if len(args) > 1 else None)
-        prompt_mask = kwargs.get("prompt_mask", args[2] if len(args) > 2 else None)
-        completions, mask = out
-        # RLOO rows come as rloo_k = 2 consecutive copies of each prompt: count the groups
-        pairs = bool((prompt_ids[0::2] == prompt_ids[1::2]).all()) and prompt_ids.shape[0] % 2 == 0
-        seen["prompt_groups"].append(prompt_ids.shape[0] // SAMPLES_PER_PROMPT if pairs else 0)
-        seen["generation"].append(
-            (
-                completions.shape[0],
-                prompt_ids.shape[1],
-                completions.shape[1],
-                int(mask.sum()),
-                int(prompt_mask.sum()),
-            )
-        )
-
-    return record
+def work_of(prompt_ids, prompt_mask, completions, mask) -> tuple[int, int, int, int, int, int]:
+    """What one of our steps processed, from the tensors its reward_fn got: (rows, prompt width,
+    completion width, generated tokens, prompt tokens, prompt groups); RLOO rows come as rloo_k = 2
+    consecutive copies of each prompt (groups = 0 if not)."""
+    pairs = prompt_ids.shape[0] % 2 == 0 and bool((prompt_ids[0::2] == prompt_ids[1::2]).all())
+    return (
+        completions.shape[0],
+        prompt_ids.shape[1],
+        completions.shape[1],
+        int(mask.sum()),
+        int(prompt_mask.sum()),
+        prompt_ids.shape[0] // SAMPLES_PER_PROMPT if pairs else 0,
+    )
 
 
 def _reward_params(path: str) -> dict[str, int]:
@@ -402,7 +405,7 @@ def worker_trl(scale: Scale, assets: dict, steps: int, warmup: int, threads: int
     """TRL's RLOOTrainer on the same work, timed by a TrainerCallback, split by its wrapped methods."""
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
 
     import runs
@@ -413,10 +416,7 @@ def worker_trl(scale: Scale, assets: dict, steps: int, warmup: int, threads: int
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="bench_rl_trl_") as tmp:
         cfg = scale_config(scale, assets, smoke, threads, tmp, total)
-        # the policy's tokenizer as our loader sets it up: left padding, pad = EOS
-        tokenizer = AutoTokenizer.from_pretrained(cfg.sft)
-        tokenizer.padding_side = "left"
-        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        tokenizer = policy_tokenizer(cfg.sft)
         prompts = bench_prompts(cfg, tokenizer, PROMPTS_PER_STEP * total)
         texts = [tokenizer.decode(p) for p in prompts]
         dataset = Dataset.from_dict({"prompt": texts, "prompt_index": list(range(len(texts)))})
@@ -512,7 +512,7 @@ def worker_trl(scale: Scale, assets: dict, steps: int, warmup: int, threads: int
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
         memory, memory_kind = peak_memory()
-        check_counts("TRL", total, step_times, seen)
+        check_counts("TRL", total, step_times, [c[0] for c in seen["generation"]])
         settings = {
             "per_device_train_batch_size": args.per_device_train_batch_size,
             "num_generations": args.num_generations,
@@ -805,6 +805,7 @@ def run(argv: list[str] | None = None) -> dict:
         use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
         for side, result in raw.items():
             entry[side] = summarise(result, params, peak, use_bf16)
+            entry[side]["step_s_each"] = result["step_s"]
             entry[side]["settings"] = result["settings"]
         if len(raw) == 2:
             entry["ratios"] = {
@@ -839,13 +840,14 @@ def _ratio(trl: float | None, ours: float | None) -> str:
 
 
 NOTES = (
-    "Backward + optimizer + rest = step time minus the timed phases (ours: loss, backward, Adam, stats; "
-    "TRL: loss, backward, grad norm, AdamW, its bookkeeping). TRL computes the policy's log-probs twice "
-    "(once without grad, for the KL and its old log-probs; once with grad, for the loss), ours once, with "
-    "grad. EMA is WARP's anchor update (TRL's reference model stays fixed). MFU counts the same model FLOPs "
-    "on both sides (generation 2N, policy forward + backward 6N, anchor forward 2N per processed token, "
-    "reward 2N_r per reward token; N = non-embedding parameters + the LM head matmul, attention scores "
-    "left out), not TRL's extra forward."
+    "TRL's generation includes tokenising the prompt texts and decoding the completions; ours gets token "
+    "prompts and decodes inside reward scoring. Backward + optimizer + rest = step time minus the timed "
+    "phases (ours: loss, backward, Adam, stats; TRL: loss, backward, grad norm, AdamW, its bookkeeping). "
+    "TRL computes the policy's log-probs twice (once without grad, for the KL and its old log-probs; once "
+    "with grad, for the loss), ours once, with grad. EMA is WARP's anchor update (TRL's reference model "
+    "stays fixed). MFU counts the same model FLOPs on both sides (generation 2N, policy forward + backward "
+    "6N, anchor forward 2N per processed token, reward 2N_r per reward token; N = non-embedding parameters "
+    "+ the LM head matmul, attention scores left out), not TRL's extra forward."
 )
 
 
