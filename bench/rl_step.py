@@ -294,6 +294,8 @@ def worker_ours(scale: Scale, assets: dict, steps: int, warmup: int, threads: in
     for phase, targets in PHASES.items():
         for module_name, fn_name in targets:
             module = importlib.import_module(module_name)
+            if not callable(getattr(module, fn_name, None)):
+                raise AttributeError(f"{module_name}.{fn_name} is gone: repoint PHASES in bench/rl_step.py")
             phase_of = _grad_phase if phase == "logprobs" else (lambda *a, _p=phase, **k: _p)
             # the sampler's calls are counted; the tensors are read after the run (no sync inside a step)
             on_result = (lambda a, k, out: seen["generation"].append(out)) if phase == "generation" else None
