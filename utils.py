@@ -226,7 +226,7 @@ def completion_logits(
     n = completions.shape[1]
     # only the last L+1 positions' logits are needed: the one before the first completion token onward
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=n + 1).logits
-    return logits[:, :-1].float() / temperature
+    return logits[:, :-1].float().div_(temperature)  # in place: no second (B, L, V) tensor
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
