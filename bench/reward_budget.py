@@ -11,10 +11,10 @@ it. Held-out pairwise accuracy counts all (positive, negative) pairs of held-out
 r(positive) > r(negative); the notebook's fixed pairs (each review in one pair) are reported beside it.
 
 The rule (issue #12): the chosen budget is the smallest one past which a doubling gains less than `--tol`
-(0.005) held-out accuracy; a mode stops there, at `--max-budget`, or when `--minutes` would run out.
+(0.005) held-out accuracy; a mode stops there, at `--max-budget`, or when its `--minutes` would run out.
 
     python bench/reward_budget.py                       # LoRA, then last_layer; writes docs/reward_budget.*
-    python bench/reward_budget.py --modes lora --max-budget 16384 --minutes 240 --threads 4
+    python bench/reward_budget.py --modes lora --max-budget 32768 --minutes 300 --threads 4 --resume
 """
 
 from __future__ import annotations
@@ -77,18 +77,41 @@ def run_session(work: Path, overrides: dict, threads: int) -> float:
     return time.time() - start
 
 
+def chosen_budget(rows: list[dict], tol: float) -> int | None:
+    """The rule: the smallest budget whose doubling gained less than `tol` held-out accuracy, if any."""
+    trained = [r for r in rows if r["pairs"] > 0]
+    for before, after in zip(trained, trained[1:], strict=False):
+        if after["heldout_accuracy"] - before["heldout_accuracy"] < tol:
+            return before["pairs"]
+    return None
+
+
 def budget_curve(mode: str, args, data: Path, deadline: float) -> tuple[list[dict], int | None, dict]:
     """Train `mode` session by session to doubling budgets; the curve's rows, the chosen budget (None
-    when the rule did not stop within the budgets or the time) and the notebook's saved config."""
+    when the rule did not stop within the budgets or the time) and the notebook's saved config. With
+    `args.resume`, a curve this folder holds is continued (same --start, --heldout and settings)."""
     import torch
 
-    work = Path(args.out) / mode
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = Path(args.out).resolve() / mode
     progress_file = work / "ck" / "reward_model_progress" / "progress.pt"
+    curve_file = work / "curve.json"  # the rows so far, written after every session
+    rows = []
+    if args.resume and curve_file.exists() and progress_file.exists():
+        rows = json.loads(curve_file.read_text())
+        assert torch.load(progress_file, weights_only=False)["history"][-1]["pairs"] == rows[-1]["pairs"]
+        print(f"{mode}: continuing the curve in {work} after {rows[-1]['pairs']} pairs")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
     budgets = [args.start * 2**k for k in range(64) if args.start * 2**k <= args.max_budget]
-    rows, chosen, previous, wall = [], None, 0, 0.0
-    for k, budget in enumerate(budgets):
+    previous = rows[-1]["pairs"] if rows else 0
+    for budget in [b for b in budgets if b > previous]:
+        if chosen_budget(rows, args.tol) is not None:
+            break
+        # the next session trains as many pairs as all before it: about as long as they took
+        if rows and time.time() + 60 * rows[-1]["wall_minutes"] > deadline:
+            print(f"{mode}: stopping at {previous} pairs, the next doubling would pass --minutes")
+            break
         overrides = {
             "reward_base": args.reward_base,
             "data": str(data),
@@ -99,15 +122,17 @@ def budget_curve(mode: str, args, data: Path, deadline: float) -> tuple[list[dic
             "time_budget_minutes": 1e-9,  # one epoch per session
             "val_pairs": args.heldout // 2,  # each held-out review in one fixed pair, scored every epoch
             "max_length": args.max_length,
+            "eval_batch_size": args.eval_batch_size,
             "show_reviews": 0,
         }
-        wall += run_session(work, overrides, args.threads)
+        seconds = run_session(work, overrides, args.threads)
         progress = torch.load(progress_file, weights_only=False)
         last = progress["history"][-1]
         assert last["pairs"] == budget, (last["pairs"], budget)
-        if k == 0:  # the untrained head (epoch 0), for reference
+        if not rows:  # the untrained head (epoch 0), for reference
             first = progress["history"][0]
             rows.append(dict(mode=mode, pairs=0, heldout_accuracy=None, **_figs(first), train_minutes=0.0))
+            rows[-1]["wall_minutes"] = 0.0
         r_pos, r_neg = progress["val_scores"]
         rows.append(
             dict(
@@ -116,25 +141,19 @@ def budget_curve(mode: str, args, data: Path, deadline: float) -> tuple[list[dic
                 heldout_accuracy=round(all_pairs_accuracy(r_pos, r_neg), 4),
                 **_figs(last),
                 train_minutes=round((progress["train_seconds"] - progress["val_seconds"]) / 60, 2),
-                wall_minutes=round(wall / 60, 2),
+                wall_minutes=round(rows[-1]["wall_minutes"] + seconds / 60, 2),
             )
         )
+        curve_file.write_text(json.dumps(rows, indent=1))
         print(
             f"{mode} {budget:>6} pairs: held-out accuracy {rows[-1]['heldout_accuracy']:.4f} (all pairs), "
             f"{rows[-1]['fixed_pairs_accuracy']:.4f} (fixed pairs); {rows[-1]['train_minutes']:.1f} min "
             f"training, {rows[-1]['wall_minutes']:.1f} min in all",
             flush=True,
         )
-        if k > 0 and rows[-1]["heldout_accuracy"] - rows[-2]["heldout_accuracy"] < args.tol:
-            chosen = previous
-            break
-        # the next session trains as many pairs as all before it: about as long as they took
-        if time.time() + 60 * rows[-1]["wall_minutes"] > deadline:
-            print(f"{mode}: stopping at {budget} pairs, the next doubling would pass --minutes")
-            break
         previous = budget
     saved = json.loads((work / "ck" / "reward_model_progress" / "config.json").read_text())
-    return rows, chosen, saved
+    return rows, chosen_budget(rows, args.tol), saved
 
 
 def _figs(entry: dict) -> dict:
@@ -218,8 +237,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--max-length", type=int, default=512, help="tokens per review (01's imdb max_length)"
     )
+    parser.add_argument("--eval-batch-size", type=int, default=16, help="held-out reviews per forward pass")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of the notebook's kernel")
-    parser.add_argument("--minutes", type=float, default=60.0, help="stop doubling past this wall time")
+    parser.add_argument(
+        "--minutes", type=float, nargs="+", default=[40.0, 15.0], help="wall time per mode (the last repeats)"
+    )
     parser.add_argument(
         "--out", default="runs/reward_budget", help="working folder (data split, checkpoints)"
     )
@@ -233,20 +255,17 @@ def main(argv: list[str] | None = None) -> dict:
     data = Path(args.data)
     if not data.exists():
         raise SystemExit(f"{data}: no such file (the 4,000 real reviews of ../shared/data)")
-    out = Path(args.out)
-    counts = split_reviews(data, out / "data", args.heldout)
+    out = Path(args.out).resolve()  # the notebook runs in a folder of its own
+    counts = split_reviews(data, out / "data", args.heldout)  # the same split every time: --resume reuses it
     print(
         f"{counts['train']} training reviews, {counts['heldout']} held-out; {machine(args.threads)}",
         flush=True,
     )
 
     start = time.time()
-    deadline = start + 60 * args.minutes
     rows, chosen, settings = [], {}, {}
-    for mode in args.modes:
-        if time.time() > deadline:
-            print(f"{mode}: skipped, --minutes used up")
-            continue
+    for i, mode in enumerate(args.modes):
+        deadline = time.time() + 60 * args.minutes[min(i, len(args.minutes) - 1)]
         mode_rows, chosen[mode], saved = budget_curve(mode, args, out / "data", deadline)
         rows += mode_rows
         settings[mode] = {k: saved[k] for k in ("lr", "batch_size", "max_length", "lora_r", "weight_decay")}
