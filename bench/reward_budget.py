@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--minutes", type=float, nargs="+", default=[40.0, 15.0], help="wall time per mode (the last repeats)"
     )
+    parser.add_argument("--resume", action="store_true", help="continue the curves already in --out")
     parser.add_argument(
         "--out", default="runs/reward_budget", help="working folder (data split, checkpoints)"
     )
