@@ -39,6 +39,8 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 
+import utils
+
 # Bump whenever the generator, tokenizer or SFT recipe changes: a cache built by another version is rebuilt.
 OFFLINE_VERSION = "offline-v1"
 EOS = "<|endoftext|>"
@@ -480,18 +482,6 @@ def _pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def _length_bucketed_batches(lengths: list[int], batch_size: int, gen: torch.Generator) -> list[list[int]]:
-    """One epoch of random batches of similar-length reviews, so little compute goes to padding."""
-    order = torch.randperm(len(lengths), generator=gen).tolist()
-    pool = batch_size * 50  # sort within pools of 50 batches: batches stay random, lengths stay close
-    batches = []
-    for i in range(0, len(order) - batch_size + 1, pool):
-        chunk = sorted(order[i : i + pool], key=lengths.__getitem__)
-        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk) - batch_size + 1, batch_size)]
-    perm = torch.randperm(len(batches), generator=gen).tolist()
-    return [batches[k] for k in perm]
-
-
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10% of lr (nanoGPT's schedule)."""
     if step < warmup:
@@ -540,7 +530,8 @@ def pretrain_sft(
     batches: list[list[int]] = []
     for step in tqdm(range(steps), desc="SFT pretraining", disable=not progress):
         if not batches:
-            batches = _length_bucketed_batches([len(s) for s in seqs], batch_size, gen)
+            # one epoch of random batches of similar-length reviews: little compute goes to padding
+            batches = utils.length_buckets([len(s) for s in seqs], batch_size, gen, drop_last=True)
         batch = _pad_batch([seqs[i] for i in batches.pop()], tokenizer.eos_token_id)
         # determine the learning rate
         for group in opt.param_groups:

@@ -487,3 +487,27 @@ def angle_summary(angles: dict[str, float]) -> dict[str, float]:
     if not vals:
         return {"angle/mean": float("nan"), "angle/min": float("nan"), "angle/max": float("nan")}
     return {"angle/mean": sum(vals) / len(vals), "angle/min": min(vals), "angle/max": max(vals)}
+
+
+# --- Batching: length-bucketed batches -----------------------------------------------------------------
+
+
+def length_buckets(
+    lengths: Sequence[int],
+    batch_size: int,
+    generator: torch.Generator,
+    pool: int = 50,
+    drop_last: bool = False,
+) -> list[list[int]]:
+    """One epoch of batches of indices into `lengths` whose items have similar lengths, so that padding
+    each batch to its own longest item wastes little compute. The indices are shuffled, sorted by length
+    within chunks of `pool` batches (batches stay random, lengths close), cut into batches, and the
+    batches shuffled. Every index appears once; `drop_last` drops what does not fill a whole batch.
+    A function of (lengths, batch_size, pool, the generator's state) only."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    chunk_size, stop = batch_size * pool, batch_size - 1 if drop_last else 0
+    batches = []
+    for i in range(0, len(order) - stop, chunk_size):
+        chunk = sorted(order[i : i + chunk_size], key=lengths.__getitem__)
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk) - stop, batch_size)]
+    return [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
