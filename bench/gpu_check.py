@@ -106,7 +106,7 @@ class PeakDisk:
     def __init__(self, folder: Path, every: float = 0.2):
         import threading
 
-        self.folder, self.every, self.peak = folder, every, 0
+        self.folder, self.every, self.peak, self.stage_peak = folder, every, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -121,7 +121,15 @@ class PeakDisk:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.every):
-            self.peak = max(self.peak, self._size())
+            size = self._size()
+            self.peak, self.stage_peak = max(self.peak, size), max(self.stage_peak, size)
+
+    def stage(self) -> dict[str, float]:
+        """Disk since the last call: the peak (GB) and the size now (GB); starts the next stage."""
+        now = self._size()
+        row = {"peak disk GB": max(self.stage_peak, now) / 1e9, "disk GB": now / 1e9}
+        self.stage_peak = now
+        return row
 
     def __enter__(self):
         self._thread.start()
@@ -170,7 +178,7 @@ def run_check(out: Path, sizes: dict, shared: Path | None = None) -> dict:
     stages = result["stages"]
     ck = out / "ck"
     with PeakDisk(ck) as disk:
-        run_stages(out, ck, assets, sizes, stages)
+        run_stages(out, ck, assets, sizes, stages, disk)
     result["total_seconds"] = time.time() - start
     result["disk_gb"] = sum(p.stat().st_size for p in ck.rglob("*") if p.is_file()) / 1e9
     result["disk_peak_gb"] = disk.peak / 1e9
@@ -178,8 +186,8 @@ def run_check(out: Path, sizes: dict, shared: Path | None = None) -> dict:
     return result
 
 
-def run_stages(out: Path, ck: Path, assets: dict, sizes: dict, stages: dict) -> None:
-    """The four notebooks at `sizes`, each stage's measurements added to `stages`."""
+def run_stages(out: Path, ck: Path, assets: dict, sizes: dict, stages: dict, disk: PeakDisk) -> None:
+    """The four notebooks at `sizes`, each stage's measurements (and its local disk) added to `stages`."""
 
     # 01: fp16 (or none on the CPU), then bf16 where it is native
     reward = dict(reward_base=assets["reward_base"], data=assets["data"], **sizes["01"])
@@ -194,7 +202,7 @@ def run_stages(out: Path, ck: Path, assets: dict, sizes: dict, stages: dict) -> 
         projected = step * IMDB_01_STEPS + val_per_pair * IMDB_01_VAL_PAIRS * IMDB_01_EPOCHS
         stages[f"01 ({m['mixed_precision']})"] = {
             "wall s": wall, "s/step": step, "peak GiB": m["peak_gpu_memory_gib"], "steps": m["steps"],
-            "projected imdb min": projected / 60,
+            "projected imdb min": projected / 60, **disk.stage(),
         }  # fmt: skip
 
     # 02: WARP and the REINFORCE baseline
@@ -204,12 +212,14 @@ def run_stages(out: Path, ck: Path, assets: dict, sizes: dict, stages: dict) -> 
     runs_02 = sorted((ck / "warp").glob("iter*/run*")) + [ck / "warp" / "reinforce"]
     speed = rl_speed(runs_02, rows)
     stages["02"] = {"wall s": wall, **speed, "projected imdb min": speed["s/step"] * IMDB_02_STEPS / 60}
+    stages["02"].update(disk.stage())
 
     # 03: evaluation of everything 02 wrote
     wall = run_notebook("03_generation_eval", out, OVERRIDES=sizes["03"])
     n_eval = len(json.loads((ck / "eval" / "headline.json").read_text())["pareto"]) + 4
     sequences = n_eval * sizes["03"]["n_prompts"] * sizes["03"]["samples_per_prompt"]
     stages["03"] = {"wall s": wall, "projected imdb min": wall / sequences * IMDB_03_SEQUENCES / 60}
+    stages["03"].update(disk.stage())
 
     # 04: the mu sweep, small
     sweep = dict(sft=assets["sft"], data=assets["data"], **sizes["04"])
@@ -220,12 +230,13 @@ def run_stages(out: Path, ck: Path, assets: dict, sizes: dict, stages: dict) -> 
         sorted((ck / "mu_sweep").glob("mu=*/iter*/run*")), sweep["batch_size"] * sweep["grad_accum"]
     )
     stages["04"] = {"wall s": wall, **speed, "projected imdb min": speed["s/step"] * IMDB_04_STEPS / 60}
+    stages["04"].update(disk.stage())
 
 
 def table(result: dict) -> str:
     """The measurements as a markdown table, with the machine on top."""
     m = result["machine"]
-    cols = ["wall s", "s/step", "tokens/s", "peak GiB", "projected imdb min"]
+    cols = ["wall s", "s/step", "tokens/s", "peak GiB", "projected imdb min", "peak disk GB", "disk GB"]
     fmt = lambda v: "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
     lines = [
         f"GPU: {m['gpu']} (x{m['gpus']}), torch {m['torch']}, CUDA {m['cuda']}; "
