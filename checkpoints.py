@@ -167,10 +167,21 @@ def save_pretrained_atomic(model: nn.Module, tokenizer, path: str | Path, extra:
             (tmp / "info.json").write_text(json.dumps(extra, indent=2))
 
 
+def folder_bytes(root: str | Path) -> int:
+    """Bytes of the files under `root` (0 when it does not exist; files that vanish meanwhile skipped)."""
+    total = 0
+    for path in Path(root).rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except FileNotFoundError:  # renamed or deleted while walking (an atomic write finishing)
+            pass
+    return total
+
+
 def disk_report(root: str | Path) -> str:
     """One line: how much the checkpoints under `root` take on the local disk, and how much is left."""
     root = Path(root)
-    used = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+    used = folder_bytes(root)
     free = shutil.disk_usage(root if root.exists() else Path.cwd()).free
     return f"local disk: {used / 1e9:.2f} GB of checkpoints in {root}, {free / 1e9:.1f} GB free"
 

@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoints  # noqa: E402
 from bench import imdb_shaped  # noqa: E402
 
 # What each stage runs: the check's own sizes, and the smoke test's one step of everything.
@@ -111,13 +112,7 @@ class PeakDisk:
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _size(self) -> int:
-        total = 0
-        for path in self.folder.rglob("*"):
-            try:
-                total += path.stat().st_size if path.is_file() else 0
-            except FileNotFoundError:  # renamed or deleted while walking
-                pass
-        return total
+        return checkpoints.folder_bytes(self.folder)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.every):
@@ -180,7 +175,7 @@ def run_check(out: Path, sizes: dict, shared: Path | None = None) -> dict:
     with PeakDisk(ck) as disk:
         run_stages(out, ck, assets, sizes, stages, disk)
     result["total_seconds"] = time.time() - start
-    result["disk_gb"] = sum(p.stat().st_size for p in ck.rglob("*") if p.is_file()) / 1e9
+    result["disk_gb"] = checkpoints.folder_bytes(ck) / 1e9
     result["disk_peak_gb"] = disk.peak / 1e9
     result["store"] = STORE or None
     return result

@@ -165,6 +165,19 @@ def peak_memory() -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
 
 
+def work_row(b, p, length, gen_tokens, prompt_tokens, reward_tok, texts, cfg) -> dict:
+    """The work of one micro-batch, as the table and the FLOP count read it (both sides alike)."""
+    return dict(
+        completions=b,
+        prompts=b // SAMPLES_PER_PROMPT,
+        prompt_width=p,
+        completion_width=length,
+        generated_tokens=gen_tokens,
+        prompt_tokens=prompt_tokens,
+        reward_tokens=reward_tokens(reward_tok, texts, cfg.reward_batch_size, cfg.reward_max_length),
+    )
+
+
 def reward_tokens(reward_tokenizer, texts: list[str], batch_size: int, max_length: int) -> int:
     """Tokens the reward model processes for `texts` when scored as `utils.score_texts` does: sorted by
     length, in batches of `batch_size`, each padded to its longest text."""
@@ -343,18 +356,7 @@ def worker_ours(scale: Scale, assets: dict, steps: int, warmup: int, threads: in
         b, p, length, gen_tokens, prompt_tokens, groups = work_of(*args)
         seen["prompt_groups"].append(groups)
         texts = utils.decode_texts(loaded["tokenizer"], *args)
-        r = reward_tokens(reward_tok, texts, cfg.reward_batch_size, cfg.reward_max_length)
-        rows.append(
-            dict(
-                completions=b,
-                prompts=b // SAMPLES_PER_PROMPT,
-                prompt_width=p,
-                completion_width=length,
-                generated_tokens=gen_tokens,
-                prompt_tokens=prompt_tokens,
-                reward_tokens=r,
-            )
-        )
+        rows.append(work_row(b, p, length, gen_tokens, prompt_tokens, reward_tok, texts, cfg))
     return {
         "step_s": step_times[warmup:],
         "phases": phase_rows[warmup:],
@@ -539,18 +541,7 @@ def worker_trl(scale: Scale, assets: dict, steps: int, warmup: int, threads: int
     for (b, p, length, gen_tokens, prompt_tokens), texts in zip(
         seen["generation"], seen["reward_texts"], strict=True
     ):
-        r = reward_tokens(reward_tok, texts, cfg.reward_batch_size, cfg.reward_max_length)
-        rows.append(
-            dict(
-                completions=b,
-                prompts=b // SAMPLES_PER_PROMPT,
-                prompt_width=p,
-                completion_width=length,
-                generated_tokens=gen_tokens,
-                prompt_tokens=prompt_tokens,
-                reward_tokens=r,
-            )
-        )
+        rows.append(work_row(b, p, length, gen_tokens, prompt_tokens, reward_tok, texts, cfg))
     return {
         "step_s": step_times[warmup:],
         "phases": phase_rows[warmup:],

@@ -43,3 +43,35 @@ def run_notebook(name: str, workdir: Path, hf_token: str | None = None, **parame
         "".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", "")) for o in outputs
     )
     return text, seconds
+
+
+def kill_notebook_when(notebook: Path, workdir: Path, parameters: dict, ready, timeout: float) -> None:
+    """Start `notebook` under papermill in a process of its own (no HF_TOKEN), wait until `ready()` is true
+    (or the run ends, or `timeout` seconds pass), then SIGKILL it and its kernel: a session that dies."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    code = (
+        "import papermill, sys; papermill.execute_notebook(sys.argv[1], sys.argv[2], parameters="
+        f"{parameters!r}, cwd=sys.argv[3], kernel_name='python3', progress_bar=False)"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    env.pop("HF_TOKEN", None)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(notebook), str(workdir / "out.ipynb"), str(workdir)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + timeout
+    while not ready() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    victims = [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
+    for p in victims:  # papermill and its kernel (which jupyter starts in a session of its own)
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=30)
+    child.wait()

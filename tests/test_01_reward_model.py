@@ -20,7 +20,7 @@ import torch
 
 import utils
 from tests import tiny
-from tests.notebook import run_notebook
+from tests.notebook import kill_notebook_when, run_notebook
 
 pm = pytest.importorskip("papermill")
 from safetensors.torch import load_file  # noqa: E402
@@ -214,12 +214,7 @@ def test_a_dead_session_resumes_from_the_store(tiny_assets, tmp_path):
     """01 killed (SIGKILL, kernel and all) after the store got an epoch's progress, its local files lost
     (a new Kaggle session): the rerun pulls the progress, continues from that epoch and ends with the
     weights of an uninterrupted run, bit for bit on the CPU."""
-    import os
     import shutil
-    import signal
-    import subprocess
-    import sys
-    import time
 
     overrides = tiny_overrides(tiny_assets, epochs=4, batches_per_epoch=6)
     (tmp_path / "whole").mkdir()
@@ -227,30 +222,8 @@ def test_a_dead_session_resumes_from_the_store(tiny_assets, tmp_path):
     work, drive = tmp_path / "dead", tmp_path / "drive"
     work.mkdir()
     params = {"PRESET": "imdb", "CHECKPOINTS": "ck", "OVERRIDES": overrides, "STORE": str(drive)}
-    code = (
-        "import papermill, sys; papermill.execute_notebook(sys.argv[1], sys.argv[2], parameters="
-        f"{params!r}, cwd=sys.argv[3], kernel_name='python3', progress_bar=False)"
-    )
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    env.pop("HF_TOKEN", None)
-    child = subprocess.Popen(
-        [sys.executable, "-c", code, str(NOTEBOOK), str(work / "out.ipynb"), str(work)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     progress = drive / "reward_model_progress" / "progress.pt"
-    deadline = time.time() + 300
-    while not progress.exists() and child.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    import psutil
-
-    victims = [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
-    for p in victims:  # papermill and its kernel (which jupyter starts in a session of its own)
-        p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(victims, timeout=30)
-    child.wait()
+    kill_notebook_when(NOTEBOOK, work, params, progress.exists, timeout=300)
     assert progress.exists() and not (drive / "reward_model" / "metrics.json").exists()
     stored_epoch = torch.load(progress, weights_only=False)["epoch"]
 

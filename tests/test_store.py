@@ -22,6 +22,7 @@ import runs
 import utils
 import warp
 from tests import tiny
+from tests.notebook import kill_notebook_when
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -265,7 +266,6 @@ def test_04_killed_mid_sweep_resumes_from_the_store_bitwise(assets, tmp_path):
     second where the store left it, and ends with the weights of an uninterrupted sweep."""
     import shutil
 
-    import psutil
     from safetensors.torch import load_file
 
     settings = {**assets, **SETTINGS, "iterations": 1, "reward_max_length": 64}
@@ -277,34 +277,15 @@ def test_04_killed_mid_sweep_resumes_from_the_store_bitwise(assets, tmp_path):
     work, drive = tmp_path / "dead", tmp_path / "drive"
     work.mkdir()
     params = {**params, "STORE": str(drive)}
-    code = (
-        "import papermill, sys; papermill.execute_notebook(sys.argv[1], sys.argv[2], parameters="
-        f"{params!r}, cwd=sys.argv[3], kernel_name='python3', progress_bar=False)"
-    )
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    env.pop("HF_TOKEN", None)
-    child = subprocess.Popen(
-        [sys.executable, "-c", code, str(ROOT / "04_mu_sweep.ipynb"), str(work / "out.ipynb"), str(work)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     second = drive / "mu_sweep" / "mu=0.1" / "iter0"
-    deadline = time.time() + 600
-    while not list(second.glob("run*/progress.pt")) and child.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    victims = [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
-    for p in victims:  # papermill and its kernel (which jupyter starts in a session of its own)
-        p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(victims, timeout=30)
-    child.wait()
+    ready = lambda: bool(list(second.glob("run*/progress.pt")))
+    kill_notebook_when(ROOT / "04_mu_sweep.ipynb", work, params, ready, timeout=600)
     assert list(second.glob("run*/progress.pt")), "the child never checkpointed the second mu"
     assert (drive / "mu_sweep" / "mu=0.01" / "final_slerp").exists(), "killed before the first mu ended"
     assert not (drive / "mu_sweep" / "mu=0.1" / "final_slerp").exists(), "killed after the sweep ended"
 
     shutil.rmtree(work / "ck")  # the new session has nothing local
-    run_04(work, {k: v for k, v in params.items()})
+    run_04(work, params)
     for mu in (0.01, 0.1):
         final = Path("ck") / "mu_sweep" / f"mu={mu}" / "final_slerp" / "model.safetensors"
         a, b = load_file(str(work / final)), load_file(str(tmp_path / "whole" / final))
