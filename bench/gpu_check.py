@@ -172,17 +172,29 @@ def run_check(out: Path, sizes: dict, shared: Path | None = None) -> dict:
     result = {"machine": machine(), "assets_seconds": time.time() - start, "stages": {}}
     stages = result["stages"]
     ck = out / "ck"
+
+    def report() -> None:  # after each stage, so that a run cut short still leaves its measurements
+        result["total_seconds"] = time.time() - start
+        result["disk_gb"] = checkpoints.folder_bytes(ck) / 1e9
+        result["disk_peak_gb"] = max(disk.peak, checkpoints.folder_bytes(ck)) / 1e9
+        result["store"] = STORE or None
+        save(result, out)
+
     with PeakDisk(ck) as disk:
-        run_stages(out, ck, assets, sizes, stages, disk)
-    result["total_seconds"] = time.time() - start
-    result["disk_gb"] = checkpoints.folder_bytes(ck) / 1e9
-    result["disk_peak_gb"] = disk.peak / 1e9
-    result["store"] = STORE or None
+        run_stages(out, ck, assets, sizes, stages, disk, report)
+    report()
     return result
 
 
-def run_stages(out: Path, ck: Path, assets: dict, sizes: dict, stages: dict, disk: PeakDisk) -> None:
-    """The four notebooks at `sizes`, each stage's measurements (and its local disk) added to `stages`."""
+def save(result: dict, out: Path) -> None:
+    """Write the measurements so far to `<out>/gpu_check.json` and `<out>/gpu_check.md`."""
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+    (out / "gpu_check.md").write_text(table(result) + "\n")
+
+
+def run_stages(out, ck, assets, sizes, stages: dict, disk: PeakDisk, report=lambda: None) -> None:
+    """The four notebooks at `sizes`, each stage's measurements (and its local disk) added to `stages`;
+    `report()` is called after each stage."""
 
     # 01: fp16 (or none on the CPU), then bf16 where it is native
     reward = dict(reward_base=assets["reward_base"], data=assets["data"], **sizes["01"])
@@ -199,6 +211,7 @@ def run_stages(out: Path, ck: Path, assets: dict, sizes: dict, stages: dict, dis
             "wall s": wall, "s/step": step, "peak GiB": m["peak_gpu_memory_gib"], "steps": m["steps"],
             "projected imdb min": projected / 60, **disk.stage(),
         }  # fmt: skip
+        report()
 
     # 02: WARP and the REINFORCE baseline
     warp_cfg = dict(sft=assets["sft"], data=assets["data"], **sizes["02"])
@@ -208,6 +221,7 @@ def run_stages(out: Path, ck: Path, assets: dict, sizes: dict, stages: dict, dis
     speed = rl_speed(runs_02, rows)
     stages["02"] = {"wall s": wall, **speed, "projected imdb min": speed["s/step"] * IMDB_02_STEPS / 60}
     stages["02"].update(disk.stage())
+    report()
 
     # 03: evaluation of everything 02 wrote
     wall = run_notebook("03_generation_eval", out, OVERRIDES=sizes["03"])
@@ -215,6 +229,7 @@ def run_stages(out: Path, ck: Path, assets: dict, sizes: dict, stages: dict, dis
     sequences = n_eval * sizes["03"]["n_prompts"] * sizes["03"]["samples_per_prompt"]
     stages["03"] = {"wall s": wall, "projected imdb min": wall / sequences * IMDB_03_SEQUENCES / 60}
     stages["03"].update(disk.stage())
+    report()
 
     # 04: the mu sweep, small
     sweep = dict(sft=assets["sft"], data=assets["data"], **sizes["04"])
@@ -269,10 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     global STORE
     STORE = str((out / "store").resolve()) if args.disk else ""
     result = run_check(out, DISK if args.disk else SMOKE if args.smoke else CHECK, shared)
-    text = table(result)
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
-    (out / "gpu_check.md").write_text(text + "\n")
-    print(text)
+    print(table(result))
     return result
 
 
