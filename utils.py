@@ -265,6 +265,7 @@ def decode_texts(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, completions
     """Review texts x + y: the real prompt tokens then the completion without its EOS and padding."""
     keep = torch.cat([prompt_mask.bool(), mask.bool() & (completions != tokenizer.eos_token_id)], dim=1)
     ids = torch.cat([prompt_ids, completions], dim=1)
+    ids, keep = ids.cpu(), keep.cpu()  # one copy each: per-row indexing on a GPU would sync per row
     return [tokenizer.decode(row[k].tolist()) for row, k in zip(ids, keep, strict=True)]
 
 

@@ -4,7 +4,8 @@ GPT-2 small (12 layers, 768 wide, 50,257 tokens) and a DistilBERT-base-shaped re
 their configs with random weights, GPT-2's real tokenizer and real IMDb reviews from `../shared/data`
 (no Hub needed). It runs the four notebooks top to bottom through papermill:
 
-- 01 for a few hundred steps at the imdb settings, in fp16 and, where the GPU computes it natively, bf16;
+- 01 for a few hundred steps at the imdb settings with `mixed_precision="auto"` (bf16 where the GPU computes
+  it natively, else fp16 with a loss scaler) and, on a bf16 GPU, once more in fp16 (a T4's path);
 - 02 with I = 2, M = 2, T = 10 at batch 32 x 2 (gradient accumulation 2) through SLERP and LITI, plus the
   REINFORCE baseline (the M runs in parallel when there are 2 or more GPUs);
 - 03 and 04 at small sizes;
@@ -196,9 +197,9 @@ def run_stages(out, ck, assets, sizes, stages: dict, disk: PeakDisk, report=lamb
     """The four notebooks at `sizes`, each stage's measurements (and its local disk) added to `stages`;
     `report()` is called after each stage."""
 
-    # 01: fp16 (or none on the CPU), then bf16 where it is native
+    # 01: the default ("auto": bf16 where native, fp16 elsewhere, none on the CPU), and fp16 on a bf16 GPU
     reward = dict(reward_base=assets["reward_base"], data=assets["data"], **sizes["01"])
-    precisions = ["auto"] + (["bf16"] if native_bf16() else [])
+    precisions = ["auto"] + (["fp16"] if native_bf16() else [])
     for precision in precisions:
         folder = "reward_model" if precision == "auto" else f"reward_model_{precision}"
         overrides = {**reward, "mixed_precision": precision, "out_dir": str(ck / folder)}
