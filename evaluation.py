@@ -1,6 +1,7 @@
 """Evaluation shared by 03 and 04 (and 02's quick check): held-out prompts, reward with 95% intervals,
-KL(pi || pi_sft) on the policy's own samples (exact per-position and k1), distinct-n, and the points of
-WARP's Pareto front. Every model is sampled with the same prompts and seed.
+KL(pi || pi_sft) on the policy's own samples (exact per-position and k1), distinct-n, perplexity under a
+reference LM that RL never touched, and the points of WARP's Pareto front. Every model is sampled with the
+same prompts and seed, so two models' differences are paired by prompt (`paired_diff`, `matched_kl_diff`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from utils import (
     liti,
     load_reviews,
     load_state,
+    masked_sum,
     model_device,
     sample_completions,
     token_logprobs,
@@ -78,6 +80,44 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def paired_diff(a, b, col: str = "score") -> tuple[float, float]:
+    """Mean over prompts of b - a in `col` and the half-width of its paired 95% interval.
+
+    `a` and `b` are `sample_and_score` tables of two models on the same prompts with the same sampling
+    seed: each prompt's mean difference is one paired observation, so what the prompts share (how easy a
+    prompt is) cancels, and the interval is that of the difference, not of either model.
+    """
+    pa, pb = a.groupby("prompt")[col].mean(), b.groupby("prompt")[col].mean()
+    if not pa.index.equals(pb.index):
+        raise ValueError("paired_diff needs both models evaluated on the same prompts")
+    return mean_ci((pb - pa).tolist())
+
+
+def matched_kl_diff(front: Sequence, other, col: str = "score") -> tuple[float, float, float]:
+    """`other` minus a front at `other`'s mean KL, paired by prompt: (difference, 95% half-width, eta).
+
+    `front` is a list of `sample_and_score` tables along a curve of increasing KL (e.g. WARP's
+    (1 - eta) * theta_sft + eta * theta_slerp). The front's value at `other`'s KL is the per-prompt linear
+    interpolation between the two points whose mean KLs bracket it; outside the front's range the
+    difference is NaN (no extrapolation). The third value is where on the front (in list index units) the
+    match fell.
+    """
+    kls = [float(t["kl"].mean()) for t in front]
+    if any(b < a for a, b in zip(kls, kls[1:], strict=False)):
+        raise ValueError(f"front must be sorted by KL, got {[round(k, 3) for k in kls]}")
+    target = float(other["kl"].mean())
+    for i in range(len(front) - 1):
+        if kls[i] <= target <= kls[i + 1]:
+            w = (target - kls[i]) / (kls[i + 1] - kls[i]) if kls[i + 1] > kls[i] else 0.0
+            lo, hi = front[i].groupby("prompt")[col].mean(), front[i + 1].groupby("prompt")[col].mean()
+            mine = other.groupby("prompt")[col].mean()
+            if not (lo.index.equals(mine.index) and hi.index.equals(mine.index)):
+                raise ValueError("matched_kl_diff needs every model evaluated on the same prompts")
+            mean, ci = mean_ci((mine - ((1 - w) * lo + w * hi)).tolist())
+            return mean, ci, i + w
+    return float("nan"), float("nan"), float("nan")
+
+
 @torch.no_grad()
 def sample_and_score(
     policy: nn.Module,
@@ -90,12 +130,15 @@ def sample_and_score(
     max_new_tokens: int,
     temperature: float,
     batch_size: int = 64,
+    reference: nn.Module | None = None,
 ):
     """Completions of each prompt sampled from `policy`, with reward and KL(policy || sft) per sample.
 
     KL is estimated on the policy's own samples, at the sampling temperature, two ways: `kl` is the
     exact per-position KL over the vocabulary summed along the sequence (low variance, >= 0), `kl_k1`
-    the sum of log-ratios of the sampled tokens. Returns a pandas DataFrame, one row per sample.
+    the sum of log-ratios of the sampled tokens. With a `reference` LM (same tokenizer, never trained by
+    RL), `ref_nll` is the completion's mean negative log-likelihood per token under it at temperature 1:
+    fluency, so that reward bought with broken text shows. Returns a pandas DataFrame, one row per sample.
     """
     import pandas as pd
 
@@ -118,6 +161,15 @@ def sample_and_score(
         kl = kl_exact(logits, ref_logits, mask)
         k1 = kl_k1(token_logprobs(logits, completions), token_logprobs(ref_logits, completions), mask)
         scores = reward_fn(prompt_ids, prompt_mask, completions, mask)
+        ref_nll = None
+        if reference is not None:
+            rdev = model_device(reference)
+            ref = completion_logits(
+                reference, prompt_ids.to(rdev), prompt_mask.to(rdev), completions.to(rdev), 1.0
+            )
+            nll = -masked_sum(token_logprobs(ref, completions.to(rdev)), mask.to(rdev))
+            ref_nll = (nll / mask.to(rdev).sum(1).clamp(min=1)).cpu()
+            del ref
         texts = decode_texts(tokenizer, prompt_ids, prompt_mask, completions, mask)
         empty = torch.zeros_like(prompt_ids)
         only_completion = decode_texts(tokenizer, empty, torch.zeros_like(prompt_mask), completions, mask)
@@ -132,6 +184,7 @@ def sample_and_score(
                     kl=kl[j].item(),
                     kl_k1=k1[j].item(),
                     length=int(mask[j].sum()),
+                    **({} if ref_nll is None else {"ref_nll": ref_nll[j].item()}),
                 )  # fmt: skip
             )
     return pd.DataFrame.from_records(records)
@@ -148,19 +201,23 @@ def summarise(samples, labels: Sequence[int]) -> dict[str, float]:
             mean, ci = mean_ci(per_prompt[col].tolist())
             suffix = "" if name == "all" else f"/{name}"
             out[f"{col}{suffix}"], out[f"{col}_ci95{suffix}"] = mean, ci
+    if "ref_nll" in df:  # perplexity per token under the reference LM, over all completion tokens
+        out["ref_ppl"] = math.exp(float((df["ref_nll"] * df["length"]).sum() / df["length"].sum()))
     out["distinct-1"] = distinct_n(df["completion"].tolist(), 1)
     out["distinct-2"] = distinct_n(df["completion"].tolist(), 2)
     out["length"] = float(df["length"].mean())
     return out
 
 
-def evaluate(model, sft, tokenizer, reward_fn, rows, labels, cfg: EvalConfig):
+def evaluate(model, sft, tokenizer, reward_fn, rows, labels, cfg: EvalConfig, reference=None):
     """Sample `cfg.samples_per_prompt` completions per prompt from `model` with a fixed seed; return
-    (headline dict from `summarise`, per-sample DataFrame). Same seed for every model compared."""
+    (headline dict from `summarise`, per-sample DataFrame). Same seed for every model compared; with a
+    `reference` LM the completions' perplexity under it too."""
     torch.manual_seed(cfg.seed)
     samples = sample_and_score(
         model, sft, tokenizer, reward_fn, rows, samples_per_prompt=cfg.samples_per_prompt,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size,
+        reference=reference,
     )  # fmt: skip
     return summarise(samples, labels), samples
 

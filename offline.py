@@ -755,6 +755,45 @@ def build_offline_assets(
     return paths
 
 
+# The reference LM for coherence: trained apart from the SFT (another seed, another width), so that it
+# judges the fluency of RL's completions without sharing the SFT's own quirks. Its own folder and marker
+# inside the cache: building it never invalidates the corpus and SFT that runs already used.
+REFERENCE_LM = dict(n_layer=2, n_embd=192, n_head=4, steps=900, seed_offset=1000)
+
+
+def build_reference_lm(cache_dir: str | Path, seed: int = 0, progress: bool = True) -> Path:
+    """Build (or reuse) `cache_dir/reference_lm`: a GPT-2 trained on the offline train reviews with the
+    SFT's tokenizer; the offline assets in `cache_dir` must exist (`build_offline_assets`)."""
+    cache_dir = Path(cache_dir).expanduser().resolve()
+    folder = cache_dir / "reference_lm"
+    marker = {"version": OFFLINE_VERSION, "seed": seed, "recipe": REFERENCE_LM}
+    if _is_complete(folder, marker):
+        return folder
+    if not (cache_dir / "sft").exists():
+        raise FileNotFoundError(f"{cache_dir} has no offline SFT: build the offline assets first")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(cache_dir / "sft")
+    train = datasets.load_dataset("json", data_files=str(cache_dir / "data" / "train.jsonl"), split="train")
+    recipe = {k: v for k, v in REFERENCE_LM.items() if k != "seed_offset"}
+    start = time.perf_counter()
+    model = pretrain_sft(
+        train, tokenizer, seed=seed + REFERENCE_LM["seed_offset"], progress=progress, **recipe
+    )
+    test = datasets.load_dataset("json", data_files=str(cache_dir / "data" / "test.jsonl"), split="train")
+    loss = heldout_loss(model, tokenizer, list(test["text"][:1000]))
+    tmp = Path(tempfile.mkdtemp(prefix=".reference_lm.partial-", dir=cache_dir))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info = {"heldout_loss": loss, "build_seconds": time.perf_counter() - start, **marker}
+        (tmp / "quality.json").write_text(json.dumps(info, indent=2))
+        (tmp / "COMPLETE").write_text(json.dumps(marker, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 if __name__ == "__main__":
     import argparse
 

@@ -120,3 +120,82 @@ def test_trained_from_prefers_what_02_recorded(tmp_path):
     assert evaluation.trained_from(tmp_path, defaults) == {"sft": "me/my-sft", "data": str(tmp_path)}
     (tmp_path / "config.json").write_text(json.dumps({"sft": str(tmp_path / "gone"), "data": ""}))
     assert evaluation.trained_from(tmp_path, defaults) == defaults
+
+
+def test_reference_perplexity_is_the_reference_lms_own_nll(models):
+    """`ref_nll` is the completion's mean NLL per token (up to and including EOS) under the reference LM
+    at temperature 1, given the prompt, from a plain unpadded forward pass; `ref_ppl` is exp of the
+    token-weighted mean. A reference that is the sampling policy itself scores lower than another LM."""
+    policy, sft, tok = models
+    rows = [[5, 6, 7, 8], [9, 10]]  # the second is left-padded in the batch
+    for ref, temperature in ((sft, 0.9), (policy, 1.0)):
+        torch.manual_seed(3)
+        df = evaluation.sample_and_score(
+            policy, sft, tok, zero_reward, rows, samples_per_prompt=3, max_new_tokens=6,
+            temperature=temperature, reference=ref,
+        )  # fmt: skip
+        torch.manual_seed(3)  # the same draws again, to get the completion tokens themselves
+        jobs = [p for p in range(len(rows)) for _ in range(3)]
+        ids, pmask = utils.left_pad([rows[p] for p in jobs], tok.pad_token_id)
+        comps, mask = utils.sample_completions(
+            policy, ids, pmask, max_new_tokens=6, temperature=temperature, eos_token_id=tok.eos_token_id
+        )
+        for j, r in df.iterrows():
+            n = int(mask[j].sum())
+            seq = rows[jobs[j]] + comps[j, :n].tolist()
+            with torch.no_grad():
+                logp = ref(torch.tensor([seq])).logits[0, :-1].double().log_softmax(-1)
+            target = torch.tensor(seq[1:])
+            nll = -logp[torch.arange(len(target)), target][-n:].mean().item()
+            assert r.length == n and r.ref_nll == pytest.approx(nll, abs=1e-4)
+        s = evaluation.summarise(df, labels=[1, 0])
+        assert s["ref_ppl"] == pytest.approx(math.exp((df.ref_nll * df.length).sum() / df.length.sum()))
+        if ref is policy:
+            own = s["ref_ppl"]
+        else:
+            other = s["ref_ppl"]
+    assert own < other  # samples of a model are likelier under that model than under another
+
+
+def paired_tables(prompt_effect, shift, noise=0.0, seed=0):
+    """Two sample tables over the same prompts: b = a + shift (per prompt) + noise."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(prompt_effect)
+    a = pd.DataFrame({"prompt": list(range(n)) * 2, "score": list(prompt_effect) * 2})
+    a["score"] += torch.randn(2 * n, generator=g, dtype=torch.float64).numpy()
+    b = a.copy()
+    b["score"] = (
+        a["score"] + list(shift) * 2 + noise * torch.randn(2 * n, generator=g, dtype=torch.float64).numpy()
+    )
+    return a, b
+
+
+def test_paired_difference_cancels_what_prompts_share():
+    """A constant shift is found exactly with a zero interval, however much the prompts differ; with
+    noise, the paired interval is much narrower than the two models' own intervals; other prompts fail."""
+    effect = torch.linspace(-5, 5, 40).tolist()
+    a, b = paired_tables(effect, [0.3] * 40)
+    mean, ci = evaluation.paired_diff(a, b)
+    assert mean == pytest.approx(0.3) and ci == pytest.approx(0.0, abs=1e-9)
+    a, b = paired_tables(effect, [0.3] * 40, noise=0.2)
+    mean, ci = evaluation.paired_diff(a, b)
+    _, ci_a = evaluation.mean_ci(a.groupby("prompt").score.mean().tolist())
+    assert abs(mean - 0.3) < 2 * ci and ci < ci_a / 5
+    with pytest.raises(ValueError, match="same prompts"):
+        evaluation.paired_diff(a, b[b.prompt < 39])
+
+
+def test_matched_kl_difference_interpolates_the_front_per_prompt():
+    """Against a front whose points have KL 0, 1, 2 and per-prompt scores 0, 1, 2 (+ prompt effect), a model
+    at KL 1.5 scoring 2 + effect beats the front by exactly 0.5 there; beyond the front's range: NaN."""
+    effect = torch.linspace(-3, 3, 10).tolist()
+
+    def table(kl, score):
+        return pd.DataFrame({"prompt": range(10), "kl": kl, "score": [score + e for e in effect]})
+
+    front = [table(0.0, 0.0), table(1.0, 1.0), table(2.0, 2.0)]
+    mean, ci, where = evaluation.matched_kl_diff(front, table(1.5, 2.0))
+    assert mean == pytest.approx(0.5) and ci == pytest.approx(0.0, abs=1e-9) and where == pytest.approx(1.5)
+    assert math.isnan(evaluation.matched_kl_diff(front, table(2.5, 2.0))[0])
+    with pytest.raises(ValueError, match="sorted by KL"):
+        evaluation.matched_kl_diff(front[::-1], table(1.5, 2.0))

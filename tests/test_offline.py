@@ -253,3 +253,32 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert offline.default_cache_dir() == tmp_path / "here"
     monkeypatch.delenv("WARP_CACHE")
     assert offline.default_cache_dir().parts[-2:] == (".cache", "warp-imdb")
+
+
+def test_reference_lm_is_trained_apart_from_the_sft_and_reused(tmp_path, monkeypatch):
+    """The coherence judge: its own folder in the cache (the corpus and SFT untouched), the SFT's tokenizer,
+    other weights than the SFT (another seed and width), rebuilt only when its recipe changes."""
+    monkeypatch.setattr(
+        offline, "REFERENCE_LM", dict(n_layer=1, n_embd=48, n_head=2, steps=4, seed_offset=1000)
+    )
+    paths = offline.build_offline_assets(tmp_path / "cache", config=TINY, progress=False)
+    marker = (tmp_path / "cache" / "COMPLETE").read_text()
+    ref = offline.build_reference_lm(tmp_path / "cache", progress=False)
+    assert (
+        ref == tmp_path / "cache" / "reference_lm" and (tmp_path / "cache" / "COMPLETE").read_text() == marker
+    )
+    import transformers
+
+    lm = transformers.AutoModelForCausalLM.from_pretrained(ref)
+    sft = transformers.AutoModelForCausalLM.from_pretrained(paths["sft"])
+    assert lm.config.n_embd == 48 and sft.config.n_embd == TINY.n_embd
+    tok, sft_tok = (transformers.AutoTokenizer.from_pretrained(p) for p in (ref, paths["sft"]))
+    assert tok.get_vocab() == sft_tok.get_vocab() and lm.config.vocab_size == sft.config.vocab_size
+    built = (ref / "model.safetensors").stat().st_mtime_ns
+    assert offline.build_reference_lm(tmp_path / "cache", progress=False) == ref
+    assert (ref / "model.safetensors").stat().st_mtime_ns == built  # reused, not retrained
+    monkeypatch.setattr(offline, "REFERENCE_LM", dict(offline.REFERENCE_LM, steps=5))
+    offline.build_reference_lm(tmp_path / "cache", progress=False)
+    assert json.loads((ref / "COMPLETE").read_text())["recipe"]["steps"] == 5  # another recipe: rebuilt
+    with pytest.raises(FileNotFoundError, match="offline SFT"):
+        offline.build_reference_lm(tmp_path / "empty", progress=False)

@@ -135,9 +135,11 @@ def test_prompt_batches_are_seeded_permutations():
     assert take(0, 3) != take(1, 3)
 
 
-def test_anchor_moves_by_exactly_mu_of_the_gap(assets, tmp_path):
-    """After a step, anchor = (1 - mu) * init + mu * policy (an anchor never updated fails)."""
-    cfg = make_cfg(assets, tmp_path / "out", steps=2, mu=0.3)
+@pytest.mark.parametrize("mu", [0.3, 0.0])
+def test_anchor_moves_by_exactly_mu_of_the_gap(assets, tmp_path, mu):
+    """After a step, anchor = (1 - mu) * init + mu * policy (an anchor never updated fails); mu = 0, the
+    KL-to-SFT baseline, keeps the anchor bit for bit at the init while the policy moves."""
+    cfg = make_cfg(assets, tmp_path / "out", steps=2, mu=mu)
     prompts = prompts_of(cfg)
     policy, _ = utils.load_policy(cfg.sft)
     init = utils.state_of(policy)
@@ -156,7 +158,10 @@ def test_anchor_moves_by_exactly_mu_of_the_gap(assets, tmp_path):
         expected = (1 - cfg.mu) * init[k] + cfg.mu * ckpt["policy"][k]
         assert torch.allclose(ckpt["anchor"][k], expected, atol=1e-6), k
         moved += not torch.equal(ckpt["anchor"][k], init[k])
-    assert moved > 0
+        if mu == 0:
+            assert torch.equal(ckpt["anchor"][k], init[k]), k
+    assert (moved > 0) == (mu > 0)
+    assert any(not torch.equal(ckpt["policy"][k], init[k]) for k in init)  # the policy did move
 
 
 def run_weights(cfg, prompts, run_dir, init_path, seed=0, stop_at=None):
