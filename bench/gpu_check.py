@@ -225,7 +225,10 @@ def run_stages(out, ck, assets, sizes, stages: dict, disk: PeakDisk, report=lamb
     report()
 
     # 03: evaluation of everything 02 wrote
-    wall = run_notebook("03_generation_eval", out, OVERRIDES=sizes["03"])
+    # the reference LM of the perplexity column: imdb's gpt2-medium needs the Hub; GPT-2 small's shapes
+    # (random weights) stand in for it in the check (gpt2-medium's pass costs about 3x more), none in smoke
+    reference = "" if sizes is not CHECK else assets["sft"]
+    wall = run_notebook("03_generation_eval", out, OVERRIDES=sizes["03"], REFERENCE_LM=reference)
     n_eval = len(json.loads((ck / "eval" / "headline.json").read_text())["pareto"]) + 4
     sequences = n_eval * sizes["03"]["n_prompts"] * sizes["03"]["samples_per_prompt"]
     stages["03"] = {"wall s": wall, "projected imdb min": wall / sequences * IMDB_03_SEQUENCES / 60}

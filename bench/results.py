@@ -225,6 +225,17 @@ def comparisons(tables: dict, study: Study) -> list[dict]:
     for name in reinforce[-1:] + [f"REINFORCE SFT beta={b}" for b in study.frozen_betas]:
         d, ci, _ = evaluation.matched_kl_diff(warp_front, tables[name])
         add(f"WARP front - {name}, at its KL", "score", (-d, ci))
+    # WARP's two policies against each baseline's curve (from the SFT along its checkpoints or betas)
+    curves = {
+        "REINFORCE EMA curve": [tables["SFT"]] + [tables[n] for n in reinforce],
+        "REINFORCE SFT curve": [tables["SFT"]]
+        + [tables[f"REINFORCE SFT beta={b}"] for b in study.frozen_betas],
+    }
+    for label, curve in curves.items():
+        curve = sorted(curve, key=lambda t: float(t["kl"].mean()))
+        for name, table in (("WARP slerp", slerp), ("WARP LITI", tables["WARP LITI"])):
+            d, ci, _ = evaluation.matched_kl_diff(curve, table)
+            add(f"{name} - {label}, at its KL", "score", (d, ci))
     add("WARP slerp - WARP LITI", "score", evaluation.paired_diff(tables["WARP LITI"], slerp))
     add("WARP slerp - WARP LITI", "kl", evaluation.paired_diff(tables["WARP LITI"], slerp, "kl"))
     for mu in study.mus[1:]:
@@ -373,15 +384,12 @@ def default_paths(out: Path) -> dict:
     paths = config.preset_paths("offline")
     paths["reference"] = config.reference_lm("offline")
     reward = out / "ck" / "reward_model"
-    if not (reward / "metrics.json").exists():
-        import papermill
+    if not (reward / "metrics.json").exists():  # 01 on the offline preset, as run_series runs it
+        import run_series
 
-        (out / "ck").mkdir(parents=True, exist_ok=True)
-        papermill.execute_notebook(
-            str(ROOT / "01_reward_model.ipynb"), str(out / "01_reward_model.out.ipynb"), cwd=str(ROOT),
-            kernel_name="python3", progress_bar=False,
-            parameters={"PRESET": "offline", "CHECKPOINTS": str(out / "ck")},
-        )  # fmt: skip
+        run_series.main(
+            ["--preset", "offline", "--only", "01", "--checkpoints", str(out / "ck"), "--out", str(out)]
+        )
     paths["reward_model"] = str(reward)
     return paths
 
@@ -393,6 +401,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "results"), help="working and output folder")
     parser.add_argument("--smoke", action="store_true", help="one step of everything (the test)")
+    parser.add_argument(
+        "--report-only", action="store_true",
+        help="recompute the comparisons, tables and plots from <out>/samples.csv and results.json",
+    )  # fmt: skip
     for name in ("sft", "data", "reward-model", "reference"):
         parser.add_argument(f"--{name}", default=None, help=f"{name} folder (default: the offline preset's)")
     args = parser.parse_args(argv)
@@ -401,6 +413,8 @@ def main(argv: list[str] | None = None) -> dict:
         study.seeds = tuple(args.seeds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        return write_report(out, study, rebuilt(out, study))
     start = time.time()
     given = {
         "sft": args.sft,
@@ -435,11 +449,35 @@ def main(argv: list[str] | None = None) -> dict:
         "headlines": headlines, "comparisons": per_seed, "angles": angles, "minutes": minutes,
         "angle_minutes": angle_minutes, "total_minutes": total, "machine": machine(),
     }  # fmt: skip
+    return write_report(out, study, result)
+
+
+def write_report(out: Path, study: Study, result: dict) -> dict:
+    """results.json, the plots and results.md of `result`; the report is also printed."""
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    plots(out, study, headlines, angles)
+    plots(out, study, result["headlines"], result["angles"])
     text = report(result, study)
     (out / "results.md").write_text(text)
     print(text)
+    return result
+
+
+def rebuilt(out: Path, study: Study) -> dict:
+    """A finished study's result with its comparisons recomputed from the samples it saved."""
+    import pandas as pd
+
+    result = json.loads((out / "results.json").read_text())
+    samples = pd.read_csv(out / "samples.csv", keep_default_na=False)
+    study.seeds = tuple(result["seeds"])
+    result["headlines"] = {int(k): v for k, v in result["headlines"].items()}
+    result["minutes"] = {int(k): v for k, v in result["minutes"].items()}
+    result["comparisons"] = {}
+    for seed, part in samples.groupby("seed"):
+        tables = {
+            name: t.drop(columns=["model", "seed"]).reset_index(drop=True)
+            for name, t in part.groupby("model")
+        }
+        result["comparisons"][int(seed)] = comparisons(tables, study)
     return result
 
 

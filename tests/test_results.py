@@ -65,3 +65,13 @@ def test_a_rerun_reads_the_trainings_back(smoke):
     assert {s: {n: h["score"] for n, h in hs.items()} for s, hs in again["headlines"].items()} == {
         s: {n: h["score"] for n, h in hs.items()} for s, hs in first.items()
     }  # the same models and draws: the same numbers
+
+
+def test_report_only_recomputes_the_same_comparisons_from_the_saved_samples(smoke):
+    out, args, result = smoke
+    again = results.main(args + ["--report-only"])
+    for seed, rows in result["comparisons"].items():
+        for mine, theirs in zip(rows, again["comparisons"][seed], strict=True):
+            assert mine["comparison"] == theirs["comparison"]
+            assert mine["diff"] == pytest.approx(theirs["diff"], nan_ok=True, abs=1e-9)
+    assert any("WARP LITI - REINFORCE SFT curve" in r["comparison"] for r in again["comparisons"][0])

@@ -87,6 +87,15 @@ def test_generation_eval_notebook(series):
     assert json.loads((ck / "eval" / "headline.json").read_text())["models"]["SFT"]["kl"] == pytest.approx(
         0, abs=1e-5
     )
+    # coherence under the offline reference LM, and paired differences: a model minus the SFT, paired by
+    # prompt, has the difference of their means as its mean (both average over the same prompts)
+    assert (results["ref_ppl"] > 1).all()
+    paired = pd.read_csv(ck / "eval" / "paired.csv").set_index(["difference", "column"])
+    for name in ("WARP (slerp)", "WARP (liti)", "REINFORCE"):
+        diff = results.loc[name, "score"] - results.loc["SFT", "score"]
+        assert paired.loc[(f"{name} - SFT", "score"), "mean"] == pytest.approx(diff, abs=1e-6)
+        assert (f"{name} - SFT", "ref_nll") in paired.index
+    assert ("WARP front - REINFORCE, at REINFORCE's KL", "score") in paired.index
 
 
 def test_mu_sweep_notebook_reuses_training_and_skips_finished(series):
