@@ -233,7 +233,8 @@ def comparisons(tables: dict, study: Study) -> list[dict]:
     }
     for label, curve in curves.items():
         curve = sorted(curve, key=lambda t: float(t["kl"].mean()))
-        for name, table in (("WARP slerp", slerp), ("WARP LITI", tables["WARP LITI"])):
+        points = [(f"WARP front eta={e}", tables[front_name(mu0, last, e)]) for e in study.etas[:-1]]
+        for name, table in [("WARP slerp", slerp), ("WARP LITI", tables["WARP LITI"]), *points]:
             d, ci, _ = evaluation.matched_kl_diff(curve, table)
             add(f"{name} - {label}, at its KL", "score", (d, ci))
     add("WARP slerp - WARP LITI", "score", evaluation.paired_diff(tables["WARP LITI"], slerp))
@@ -244,6 +245,8 @@ def comparisons(tables: dict, study: Study) -> list[dict]:
         add(f"slerp mu={mu} - slerp mu={mu0}", "kl", evaluation.paired_diff(slerp, other, "kl"))
         d, ci, _ = evaluation.matched_kl_diff(warp_front, other)
         add(f"slerp mu={mu} - front mu={mu0}, at its KL", "score", (d, ci))
+        d, ci, _ = evaluation.matched_kl_diff(front(tables, mu, last, study.etas), slerp)
+        add(f"slerp mu={mu0} - front mu={mu}, at its KL", "score", (d, ci))
     for i in range(2, last + 1):
         previous = tables[front_name(mu0, i - 1, 1.0)]
         d, ci, _ = evaluation.matched_kl_diff(front(tables, mu0, i, study.etas), previous)
