@@ -188,11 +188,9 @@ class ConfigBase:
         for n in names:
             self._require(getattr(self, n) > 0, n, "must be > 0")
 
-    def _require_unit(self, *names: str, open_low: bool = False) -> None:
+    def _require_unit(self, *names: str) -> None:
         for n in names:
-            v = getattr(self, n)
-            rule = "must lie in (0, 1]" if open_low else "must lie in [0, 1]"
-            self._require((0 < v <= 1) if open_low else (0 <= v <= 1), n, rule)
+            self._require(0 <= getattr(self, n) <= 1, n, "must lie in [0, 1]")
 
 
 @dataclass
@@ -351,7 +349,8 @@ class EvalConfig(ConfigBase):
 
 
 def check_mus(mus) -> list[float]:
-    """04's list of EMA rates: non-empty, no repeats, each in (0, 1] (as WarpConfig.mu)."""
+    """04's list of EMA rates: non-empty, no repeats, each in (0, 1] (WarpConfig.mu = 0 freezes the anchor:
+    a baseline, not a point of WARP's mu sweep)."""
     mus = list(mus) if isinstance(mus, (list, tuple)) else [mus]
     if not mus:
         raise ValueError("MUS=[]: give one or more EMA rates in (0, 1], e.g. [0.01, 0.025, 0.05]")

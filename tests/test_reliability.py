@@ -24,8 +24,8 @@ from tests import tiny
 # ------------------------------------------------------------------------------------------------------
 
 BAD_WARP = [
-    ("mu", 0.0, r"mu=0\.0: must lie in \(0, 1\]"),
-    ("mu", 1.5, r"mu=1\.5: must lie in \(0, 1\]"),
+    ("mu", -0.1, r"mu=-0\.1: must lie in \[0, 1\]"),  # 0 is allowed: a frozen anchor (KL to the SFT)
+    ("mu", 1.5, r"mu=1\.5: must lie in \[0, 1\]"),
     ("eta", -0.1, r"eta=-0\.1: must lie in \[0, 1\]"),
     ("eta", 2.0, r"eta=2\.0: must lie in \[0, 1\]"),
     ("beta", -0.5, r"beta=-0\.5: must be >= 0"),
