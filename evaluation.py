@@ -162,14 +162,11 @@ def sample_and_score(
         k1 = kl_k1(token_logprobs(logits, completions), token_logprobs(ref_logits, completions), mask)
         scores = reward_fn(prompt_ids, prompt_mask, completions, mask)
         ref_nll = None
-        if reference is not None:
-            rdev = model_device(reference)
-            ref = completion_logits(
-                reference, prompt_ids.to(rdev), prompt_mask.to(rdev), completions.to(rdev), 1.0
-            )
-            nll = -masked_sum(token_logprobs(ref, completions.to(rdev)), mask.to(rdev))
-            ref_nll = (nll / mask.to(rdev).sum(1).clamp(min=1)).cpu()
-            del ref
+        if reference is not None:  # mean NLL per completion token, at temperature 1
+            on = model_device(reference)
+            ids, pmask, comps, m = (t.to(on) for t in (prompt_ids, prompt_mask, completions, mask))
+            logp = token_logprobs(completion_logits(reference, ids, pmask, comps, 1.0), comps)
+            ref_nll = (-masked_sum(logp, m) / m.sum(1).clamp(min=1)).cpu()
         texts = decode_texts(tokenizer, prompt_ids, prompt_mask, completions, mask)
         empty = torch.zeros_like(prompt_ids)
         only_completion = decode_texts(tokenizer, empty, torch.zeros_like(prompt_mask), completions, mask)

@@ -176,8 +176,8 @@ def run_check(out: Path, sizes: dict, shared: Path | None = None) -> dict:
 
     def report() -> None:  # after each stage, so that a run cut short still leaves its measurements
         result["total_seconds"] = time.time() - start
-        result["disk_gb"] = checkpoints.folder_bytes(ck) / 1e9
-        result["disk_peak_gb"] = max(disk.peak, checkpoints.folder_bytes(ck)) / 1e9
+        now = checkpoints.folder_bytes(ck)
+        result["disk_gb"], result["disk_peak_gb"] = now / 1e9, max(disk.peak, now) / 1e9
         result["store"] = STORE or None
         save(result, out)
 

@@ -27,6 +27,8 @@ finished trainings are read back, not redone.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import statistics
@@ -87,6 +89,21 @@ SMOKE = Study(
 # ------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def timed(minutes: dict, key: str):
+    """Record the minutes the block takes under `key`."""
+    start = time.time()
+    yield
+    minutes[key] = (time.time() - start) / 60
+
+
+def state_at(where) -> dict:
+    """A policy's parameters from a `save_pretrained` folder or a state file."""
+    if Path(where).is_dir():
+        return utils.state_of(utils.load_policy(str(where))[0])
+    return checkpoints.load_state_file(where)
+
+
 def warp_config(paths: dict, study: Study, seed: int, out_dir: Path, **kw) -> config.WarpConfig:
     return config.WarpConfig.for_preset(
         "offline", sft=paths["sft"], reward_model=paths["reward_model"], data=paths["data"],
@@ -104,22 +121,19 @@ def train_seed(paths: dict, study: Study, seed: int, out: Path) -> dict:
         cfg = warp_config(paths, study, seed, base / f"warp_mu{mu}", mu=mu)
         if prompts is None:
             prompts = warp.training_prompts(cfg, utils.load_policy(cfg.sft)[1])[0]
-        start = time.time()
-        made[("warp", mu)] = warp.warp(cfg, prompts)
+        with timed(minutes, f"WARP mu={mu}"):
+            made[("warp", mu)] = warp.warp(cfg, prompts)
         made[("iters", mu)] = [
             Path(cfg.out_dir) / f"iter{i}" / "slerp.safetensors" for i in range(study.iterations - 1)
         ] + [made[("warp", mu)]["slerp"]]
-        minutes[f"WARP mu={mu}"] = (time.time() - start) / 60
         if mu == study.mus[0]:  # 02's baseline: KL to an EMA anchor of the same mu
-            start = time.time()
-            warp.train_reinforce_baseline(cfg, prompts)
+            with timed(minutes, "REINFORCE (EMA anchor)"):
+                warp.train_reinforce_baseline(cfg, prompts)
             made["reinforce"] = sorted((Path(cfg.out_dir) / "reinforce").glob("step*"))
-            minutes["REINFORCE (EMA anchor)"] = (time.time() - start) / 60
     for beta in study.frozen_betas:  # the paper's baseline: KL to the frozen SFT
         cfg = warp_config(paths, study, seed, base / f"reinforce_sft_beta{beta}", mu=0.0, beta=beta)
-        start = time.time()
-        made[("frozen", beta)] = warp.train_reinforce_baseline(cfg, prompts)
-        minutes[f"REINFORCE (KL to SFT, beta={beta})"] = (time.time() - start) / 60
+        with timed(minutes, f"REINFORCE (KL to SFT, beta={beta})"):
+            made[("frozen", beta)] = warp.train_reinforce_baseline(cfg, prompts)
     return {"models": made, "minutes": minutes}
 
 
@@ -139,10 +153,7 @@ def angles_along_t(paths: dict, study: Study, seed: int, out: Path) -> list[dict
     init = utils.state_of(sft)
     rows = []
     for t in study.angle_steps:
-        states = [
-            utils.state_of(utils.load_policy(str(out / "angles" / f"run{m}" / f"step{t:05d}"))[0])
-            for m in range(2)
-        ]
+        states = [state_at(out / "angles" / f"run{m}" / f"step{t:05d}") for m in range(2)]
         rows.append({"T": t, **utils.angle_summary(utils.task_vector_angles(init, states))})
     return rows
 
@@ -152,7 +163,7 @@ def angles_along_t(paths: dict, study: Study, seed: int, out: Path) -> list[dict
 # ------------------------------------------------------------------------------------------------------
 
 
-def evaluate_seed(paths: dict, study: Study, trained: dict, seed: int) -> tuple[dict, dict]:
+def evaluate_seed(paths: dict, study: Study, trained: dict) -> tuple[dict, dict]:
     """Every model of one seed on the same prompts and sampling seed: ({name: headline}, {name: samples})."""
     import torch
     import transformers
@@ -172,9 +183,7 @@ def evaluate_seed(paths: dict, study: Study, trained: dict, seed: int) -> tuple[
     models = trained["models"]
     headlines, tables = {}, {}
 
-    def run(name, state=None, folder=None):
-        if folder is not None:
-            state = utils.state_of(utils.load_policy(str(folder))[0])
+    def run(name, state):
         utils.load_state(model, state)
         headlines[name], tables[name] = evaluation.evaluate(
             model, sft, tokenizer, reward_fn, rows, labels, ecfg, reference
@@ -185,19 +194,15 @@ def evaluate_seed(paths: dict, study: Study, trained: dict, seed: int) -> tuple[
         for i, where in enumerate(models[("iters", mu)]):
             if mu != study.mus[0] and i < study.iterations - 1:
                 continue  # the other mus: the last iteration's front only
-            target = (
-                utils.state_of(utils.load_policy(str(where))[0])
-                if Path(where).is_dir()
-                else checkpoints.load_state_file(where)
-            )
+            target = state_at(where)
             for eta in study.etas:
                 run(front_name(mu, i + 1, eta), utils.liti(sft_state, target, eta))
         if mu == study.mus[0]:
-            run("WARP LITI", folder=models[("warp", mu)]["liti"])
+            run("WARP LITI", state_at(models[("warp", mu)]["liti"]))
     for snapshot in models["reinforce"]:
-        run(f"REINFORCE EMA {snapshot.name}", folder=snapshot)
+        run(f"REINFORCE EMA {snapshot.name}", state_at(snapshot))
     for beta in study.frozen_betas:
-        run(f"REINFORCE SFT beta={beta}", folder=models[("frozen", beta)])
+        run(f"REINFORCE SFT beta={beta}", state_at(models[("frozen", beta)]))
     return headlines, tables
 
 
@@ -205,10 +210,19 @@ def front_name(mu: float, iteration: int, eta: float) -> str:
     return f"WARP mu={mu} iter{iteration} eta={eta}"
 
 
+def front_names(mu: float, iteration: int, etas) -> list[str]:
+    """The SFT and the front points of one iteration, by eta."""
+    return ["SFT"] + [front_name(mu, iteration, e) for e in etas]
+
+
+def by_kl(tables: list) -> list:
+    """Sample tables sorted by mean KL: a curve for `evaluation.matched_kl_diff`."""
+    return sorted(tables, key=lambda t: float(t["kl"].mean()))
+
+
 def front(tables: dict, mu: float, iteration: int, etas) -> list:
     """The SFT and the front points of one iteration, sorted by mean KL."""
-    points = [tables["SFT"]] + [tables[front_name(mu, iteration, e)] for e in etas]
-    return sorted(points, key=lambda t: float(t["kl"].mean()))
+    return by_kl([tables[n] for n in front_names(mu, iteration, etas)])
 
 
 def comparisons(tables: dict, study: Study) -> list[dict]:
@@ -231,11 +245,10 @@ def comparisons(tables: dict, study: Study) -> list[dict]:
         "REINFORCE SFT curve": [tables["SFT"]]
         + [tables[f"REINFORCE SFT beta={b}"] for b in study.frozen_betas],
     }
+    points = [(f"WARP front eta={e}", tables[front_name(mu0, last, e)]) for e in study.etas[:-1]]
     for label, curve in curves.items():
-        curve = sorted(curve, key=lambda t: float(t["kl"].mean()))
-        points = [(f"WARP front eta={e}", tables[front_name(mu0, last, e)]) for e in study.etas[:-1]]
         for name, table in [("WARP slerp", slerp), ("WARP LITI", tables["WARP LITI"]), *points]:
-            d, ci, _ = evaluation.matched_kl_diff(curve, table)
+            d, ci, _ = evaluation.matched_kl_diff(by_kl(curve), table)
             add(f"{name} - {label}, at its KL", "score", (d, ci))
     add("WARP slerp - WARP LITI", "score", evaluation.paired_diff(tables["WARP LITI"], slerp))
     add("WARP slerp - WARP LITI", "kl", evaluation.paired_diff(tables["WARP LITI"], slerp, "kl"))
@@ -333,14 +346,9 @@ def plots(out: Path, study: Study, headlines: dict[int, dict[str, dict]], angles
     names = list(next(iter(headlines.values())))
     mu0, last = study.mus[0], study.iterations
     fig, ax = plt.subplots(figsize=(7, 5))
-    draw(
-        ax,
-        ["SFT"] + [front_name(mu0, last, e) for e in study.etas],
-        f"WARP front (mu={mu0}, I={last})",
-        marker="o",
-    )
+    draw(ax, front_names(mu0, last, study.etas), f"WARP front (mu={mu0}, I={last})", marker="o")
     for mu in study.mus[1:]:
-        draw(ax, ["SFT"] + [front_name(mu, last, e) for e in study.etas], f"WARP front (mu={mu})", marker="^")
+        draw(ax, front_names(mu, last, study.etas), f"WARP front (mu={mu})", marker="^")
     draw(ax, ["WARP LITI"], "WARP LITI", marker="*", markersize=12, linestyle="none")
     draw(ax, ["SFT"] + sorted(n for n in names if n.startswith("REINFORCE EMA")), "REINFORCE, EMA anchor",
          marker="s", linestyle="--")  # fmt: skip
@@ -358,7 +366,7 @@ def plots(out: Path, study: Study, headlines: dict[int, dict[str, dict]], angles
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for i in range(1, last + 1):
-        draw(ax, ["SFT"] + [front_name(mu0, i, e) for e in study.etas], f"iteration {i}", marker="o")
+        draw(ax, front_names(mu0, i, study.etas), f"iteration {i}", marker="o")
     ax.set(xlabel="KL(pi || pi_sft)", ylabel="reward", title=f"WARP's front after each iteration (mu={mu0})")
     ax.legend()
     fig.tight_layout()
@@ -413,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     study = SMOKE if args.smoke else Study()
     if args.seeds:
-        study.seeds = tuple(args.seeds)
+        study = dataclasses.replace(study, seeds=tuple(args.seeds))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
@@ -433,24 +441,23 @@ def main(argv: list[str] | None = None) -> dict:
         trained = train_seed(paths, study, seed, out)
         minutes[seed] = trained["minutes"]
         print(f"[results] seed {seed}: evaluating", flush=True)
-        t0 = time.time()
-        headlines[seed], tables = evaluate_seed(paths, study, trained, seed)
-        minutes[seed]["evaluation"] = (time.time() - t0) / 60
+        with timed(minutes[seed], "evaluation"):
+            headlines[seed], tables = evaluate_seed(paths, study, trained)
         per_seed[seed] = comparisons(tables, study)
         samples += [t.assign(model=name, seed=seed) for name, t in tables.items()]
     print("[results] angles along T", flush=True)
-    t0 = time.time()
-    angles = angles_along_t(paths, study, study.seeds[0], out)
-    angle_minutes = (time.time() - t0) / 60
+    angle_time = {}
+    with timed(angle_time, "angles"):
+        angles = angles_along_t(paths, study, study.seeds[0], out)
 
     import pandas as pd
 
     pd.concat(samples).to_csv(out / "samples.csv", index=False)
     total = (time.time() - start) / 60
     result = {
-        "seeds": list(study.seeds), "study": {k: v for k, v in vars(study).items()}, "paths": paths,
+        "seeds": list(study.seeds), "study": dataclasses.asdict(study), "paths": paths,
         "headlines": headlines, "comparisons": per_seed, "angles": angles, "minutes": minutes,
-        "angle_minutes": angle_minutes, "total_minutes": total, "machine": machine(),
+        "angle_minutes": angle_time["angles"], "total_minutes": total, "machine": machine(),
     }  # fmt: skip
     return write_report(out, study, result)
 
@@ -471,7 +478,6 @@ def rebuilt(out: Path, study: Study) -> dict:
 
     result = json.loads((out / "results.json").read_text())
     samples = pd.read_csv(out / "samples.csv", keep_default_na=False)
-    study.seeds = tuple(result["seeds"])
     result["headlines"] = {int(k): v for k, v in result["headlines"].items()}
     result["minutes"] = {int(k): v for k, v in result["minutes"].items()}
     result["comparisons"] = {}
