@@ -247,6 +247,11 @@ class WarpConfig(ConfigBase):
     mixed_precision: str = "auto"
     """Mixed precision of the RL runs: 'auto' (bf16 where the GPU computes it natively, fp16 with a loss
     scaler on older GPUs such as the T4, none on the CPU), or accelerate's 'no', 'fp16', 'bf16'."""
+    compile_generation: bool = False
+    """Sample with a fixed-size KV cache and a `torch.compile`d decode step (CUDA graphs on a GPU): the same
+    draws up to rounding, one compiled graph per token instead of one kernel launch per operation, after a
+    compilation of tens of seconds per batch shape. For GPUs that GPT-2 small's kernel launches leave idle;
+    `python bench/rl_step.py --compile` and `bench/decoding.py` measure it."""
     train_reinforce_baseline: bool = True
     """Also train plain REINFORCE for I * M * T steps, for comparison."""
     baseline_checkpoints: int = 5
@@ -261,7 +266,7 @@ class WarpConfig(ConfigBase):
     # Where to push, how to split the work, how often to save: any other change between the sessions
     # of one out_dir would mix results of different settings in one folder.
     RESUMABLE_WITH_CHANGES = (
-        "out_dir", "parallel", "save_every", "cpu_threads", "reward_batch_size",
+        "out_dir", "parallel", "save_every", "cpu_threads", "reward_batch_size", "compile_generation",
         "train_reinforce_baseline", "baseline_checkpoints",
     )  # fmt: skip
     PRESET_DEFAULTS = {

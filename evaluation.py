@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from config import EvalConfig
+from sampling import sample_completions
 from utils import (
     completion_logits,
     decode_texts,
@@ -26,7 +27,6 @@ from utils import (
     load_state,
     masked_sum,
     model_device,
-    sample_completions,
     token_logprobs,
 )
 

@@ -1,14 +1,14 @@
-"""The small shared toolbox of the WARP series: data, models, sampling and log-probs, reward scoring,
-KL estimators, and weight merging (EMA anchor, SLERP of task vectors, LITI, task-vector angles).
+"""The small shared toolbox of the WARP series: data, models, log-probs, reward scoring, KL estimators,
+and weight merging (EMA anchor, SLERP of task vectors, LITI, task-vector angles).
 
 Pure functions with no hidden state: nothing here prints, writes files, guesses a device or reads a
 global; callers pass the models, tensors and settings a function needs. The algorithm that puts these
-together is `warp.py`; configs are in `config.py`; files and the Hub in `checkpoints.py`; runs in `runs.py`.
+together is `warp.py`; sampling is `sampling.py`; configs are in `config.py`; files and the Hub in
+`checkpoints.py`; runs in `runs.py`.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from collections.abc import Sequence
@@ -137,79 +137,7 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-# --- Sampling & log-probs -----------------------------------------------------------------------------
-
-
-def sampling_config(max_new_tokens: int, temperature: float, eos_token_id: int, pad_token_id: int):
-    """The `generate` settings that match `sample_completions`: ancestral sampling at `temperature` with no
-    top-k, top-p, penalty or minimum length (for calling `generate` yourself, e.g. to compare)."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-    )  # fmt: skip
-
-
-def sample_categorical(logits: Tensor) -> Tensor:
-    """(B,) one draw from softmax(logits) per row of (B, V) logits, by inverting the cumulative
-    distribution at a uniform draw: exact, and on the CPU 20-40x faster than `torch.multinomial`. A token
-    of zero probability is never drawn (`right=True` skips a flat step of the CDF)."""
-    cdf = logits.softmax(-1).cumsum(-1)
-    u = torch.rand(logits.shape[0], 1, device=logits.device) * cdf[:, -1:]  # cdf[-1] is 1 up to rounding
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=logits.shape[1] - 1)
-
-
-@torch.no_grad()
-def sample_completions(
-    policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, temperature: float,
-    eos_token_id: int, pad_token_id: int | None = None,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Sample completions of left-padded prompts; return (B, L) completion ids and (B, L) mask.
-
-    Plain ancestral sampling from softmax(logits / T) over the whole vocabulary with a KV cache, whatever
-    the model's own generation_config says; it stops as soon as every row has produced EOS. Finished rows
-    are padded (with EOS unless `pad_token_id`), and the mask keeps tokens up to and including the first
-    EOS: padding was never sampled, so it must not count in log-probs, KL or the loss. It samples from
-    the law of `generate(**sampling_config(...))` without its per-token machinery (logits processors,
-    stopping criteria, `torch.multinomial`), which dominates the time of small models.
-    """
-    pad = eos_token_id if pad_token_id is None else pad_token_id
-    # the KV cache argument is `cache` from transformers 5.x on, `past_key_values` before
-    cache = "cache" if "cache" in inspect.signature(policy.forward).parameters else "past_key_values"
-    was_training = policy.training
-    policy.eval()  # no dropout while sampling
-    try:
-        mask = prompt_mask.long()
-        position = (mask.cumsum(1) - 1).clamp(min=0)  # counted from each row's first real token
-        out = policy(
-            input_ids=prompt_ids, attention_mask=mask, position_ids=position, logits_to_keep=1, use_cache=True
-        )
-        position = position[:, -1:]
-        finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-        tokens = []
-        for t in range(max_new_tokens):
-            token = sample_categorical(out.logits[:, -1].float() / temperature).masked_fill(finished, pad)
-            tokens.append(token)
-            finished |= token == eos_token_id
-            if t == max_new_tokens - 1 or bool(finished.all()):
-                break
-            mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), position + 1
-            out = policy(
-                input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
-                **{cache: getattr(out, cache)},
-            )  # fmt: skip
-    finally:
-        policy.train(was_training)
-    completions = torch.stack(tokens, 1)
-    return completions, completion_mask(completions, eos_token_id)
-
-
-def completion_mask(completions: Tensor, eos_token_id: int) -> Tensor:
-    """(B, L) bool: True up to and including the first EOS of each row."""
-    is_eos = completions == eos_token_id
-    after_first_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
-    return ~after_first_eos
+# --- Log-probs ----------------------------------------------------------------------------------------
 
 
 def completion_logits(

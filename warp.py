@@ -18,6 +18,7 @@ from torch import Tensor
 
 import checkpoints
 import runs
+import sampling
 import utils
 from config import WarpConfig
 
@@ -74,9 +75,9 @@ def policy_loss(policy, anchor, reward_fn, prompt_ids, prompt_mask, cfg: WarpCon
     advantage, sequence log-prob) for inspection.
     """
     # 1. sample y ~ pi_theta(.|x) at the training temperature, no top-k/top-p (line 6)
-    completions, mask = utils.sample_completions(
+    completions, mask = sampling.sample_completions(
         policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        eos_token_id=eos_token_id,
+        eos_token_id=eos_token_id, compiled=cfg.compile_generation,
     )  # fmt: skip
     # 2. log pi_theta(y|x) with gradient and log pi_ema(y|x) without, same temperature, one pass each
     logits = utils.completion_logits(policy, prompt_ids, prompt_mask, completions, cfg.temperature)  # (B,L,V)

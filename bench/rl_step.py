@@ -48,12 +48,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # ======================================================================================================
 # What is timed. Repoint here when the project's functions move or are renamed: phase -> the
 # (module, function name) pairs to wrap. Patch the module through which the caller looks the name up
-# (`warp` calls `utils.sample_completions`, so "utils"; after `from utils import f` in warp it would be
-# "warp"). Log-prob calls under grad count as the policy's, without grad as the anchor's. A timed call
-# made inside another timed call is not counted twice.
+# (`warp` calls `sampling.sample_completions`, so "sampling"; after `from sampling import f` in warp it
+# would be "warp"). Log-prob calls under grad count as the policy's, without grad as the anchor's. A timed
+# call made inside another timed call is not counted twice.
 # ======================================================================================================
 PHASES = {
-    "generation": [("utils", "sample_completions")],
+    "generation": [("sampling", "sample_completions")],
     "logprobs": [
         ("utils", "completion_logits"),  # the forward pass
         ("utils", "token_logprobs_and_entropy"),  # log-softmax + gather (+ entropy), policy

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import evaluation
+import sampling
 import utils
 from tests import tiny
 
@@ -137,7 +138,7 @@ def test_reference_perplexity_is_the_reference_lms_own_nll(models):
         torch.manual_seed(3)  # the same draws again, to get the completion tokens themselves
         jobs = [p for p in range(len(rows)) for _ in range(3)]
         ids, pmask = utils.left_pad([rows[p] for p in jobs], tok.pad_token_id)
-        comps, mask = utils.sample_completions(
+        comps, mask = sampling.sample_completions(
             policy, ids, pmask, max_new_tokens=6, temperature=temperature, eos_token_id=tok.eos_token_id
         )
         for j, r in df.iterrows():

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+import sampling
 import utils
 
 # ------------------------------------------------------------------------------------------------------
@@ -56,7 +57,7 @@ def enumerated(make_gpt2):
     with torch.no_grad():
         logits = utils.completion_logits(policy, ids, pmask, comps, T)
         ref_logits = utils.completion_logits(ref, ids, pmask, comps, T)
-    mask = utils.completion_mask(comps, EOS)
+    mask = sampling.completion_mask(comps, EOS)
     lp, ref_lp = utils.token_logprobs(logits, comps), utils.token_logprobs(ref_logits, comps)
     loop_p = torch.tensor([loop_seq_logprob(policy, PROMPT, c.tolist()) for c in comps], dtype=torch.float64)
     loop_q = torch.tensor([loop_seq_logprob(ref, PROMPT, c.tolist()) for c in comps], dtype=torch.float64)
@@ -132,7 +133,7 @@ def test_kl_is_zero_for_identical_models(make_gpt2):
     policy = small_policy(make_gpt2, 13)
     ids, pmask = utils.left_pad([[2, 3], [4, 5, 2, 3]], pad_id=EOS)
     torch.manual_seed(0)
-    comps, mask = utils.sample_completions(
+    comps, mask = sampling.sample_completions(
         policy, ids, pmask, max_new_tokens=5, temperature=T, eos_token_id=EOS
     )
     with torch.no_grad():
@@ -228,7 +229,7 @@ def test_decode_texts_drops_left_padding_the_eos_and_what_follows(bpe_tokenizer)
     comp0 = tail + [eos] + after  # junk after the EOS must go
     comp1 = (after + tail + [eos] * width)[:width]
     comps = torch.tensor([comp0, comp1])
-    mask = utils.completion_mask(comps, eos)
+    mask = sampling.completion_mask(comps, eos)
     texts = utils.decode_texts(tok, ids, pmask, comps, mask)
     assert texts[0] == "A brilliant film hated it"
     assert texts[1] == tok.decode(prompts[1] + [t for t in comp1 if t != eos])

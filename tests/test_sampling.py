@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import sampling
 import utils
 
 TEMPERATURE = 0.8
@@ -39,7 +40,7 @@ def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
 
 def test_sampling_config_is_pure_temperature_sampling():
     """sampling_config asks for ancestral sampling at T with no top-k, top-p, penalty or minimum length."""
-    gen = utils.sampling_config(7, 0.9, eos_token_id=1, pad_token_id=1)
+    gen = sampling.sampling_config(7, 0.9, eos_token_id=1, pad_token_id=1)
     assert gen.do_sample is True and gen.temperature == 0.9 and gen.max_new_tokens == 7
     assert gen.top_k in (0, None) and gen.top_p in (1.0, None)
     assert gen.repetition_penalty in (1.0, None) and gen.min_new_tokens in (0, None)
@@ -61,7 +62,7 @@ def test_sample_completions_draws_from_the_plain_temperature_softmax(make_gpt2):
     n = 8000
     ids = torch.tensor([prompt] * n)
     torch.manual_seed(0)
-    comps, mask = utils.sample_completions(
+    comps, mask = sampling.sample_completions(
         model, ids, torch.ones_like(ids), max_new_tokens=1, temperature=TEMPERATURE, eos_token_id=eos
     )
     assert comps.shape == (n, 1) and mask.all()
@@ -94,7 +95,7 @@ def test_left_padded_prompts_sample_from_their_unpadded_distribution(make_gpt2):
     n = 3000
     ids, pmask = utils.left_pad([short, long] * n, pad_id=EOS)
     torch.manual_seed(2)
-    comps, _ = utils.sample_completions(
+    comps, _ = sampling.sample_completions(
         model, ids, pmask, max_new_tokens=1, temperature=TEMPERATURE, eos_token_id=EOS
     )
     freq = torch.bincount(comps[0::2, 0], minlength=p.numel()).double() / n
@@ -115,12 +116,12 @@ def test_sample_completions_restores_training_mode_and_masks_after_eos(make_gpt2
     eos = int(next_token_probs(model, prompts[0], 1.0).argsort(descending=True)[1])  # frequent EOS
     model.train()
     torch.manual_seed(1)
-    comps, mask = utils.sample_completions(
+    comps, mask = sampling.sample_completions(
         model, ids.repeat(20, 1), pmask.repeat(20, 1), max_new_tokens=6, temperature=1.0, eos_token_id=eos
     )
     assert model.training
     assert comps.shape[0] == 60 and comps.shape[1] <= 6 and mask.dtype == torch.bool
-    assert torch.equal(mask, utils.completion_mask(comps, eos))
+    assert torch.equal(mask, sampling.completion_mask(comps, eos))
     hit = (comps == eos).any(1)
     assert 0 < hit.sum() < 60  # some rows end early, some run to the cap
     for row, m in zip(comps, mask, strict=True):
@@ -140,7 +141,7 @@ def test_sample_categorical_draws_the_softmax_law_and_never_a_zero_probability_t
     logits[0, ::3] = -math.inf  # a third of the vocabulary impossible in row 0
     n = 20000
     torch.manual_seed(5)
-    draws = utils.sample_categorical(logits.repeat(n, 1)).view(n, 2)
+    draws = sampling.sample_categorical(logits.repeat(n, 1)).view(n, 2)
     for row in range(2):
         p = logits[row].double().softmax(-1)
         freq = torch.bincount(draws[:, row], minlength=40).double() / n
@@ -168,11 +169,39 @@ def test_the_kv_cache_loop_continues_like_generate(make_gpt2):
             input_ids=ids, attention_mask=pmask, do_sample=False, max_new_tokens=24, eos_token_id=eos,
             pad_token_id=1,
         )[:, ids.shape[1] :]  # fmt: skip
-    ours, mask = utils.sample_completions(
+    ours, mask = sampling.sample_completions(
         model, ids, pmask, max_new_tokens=24, temperature=1e-6, eos_token_id=eos, pad_token_id=1
     )
     assert torch.equal(ours, greedy)
     assert (ours == eos).any(1).sum() > 0 and mask.sum() < mask.numel()  # some rows finished early
+
+
+def test_the_compiled_loop_draws_what_the_eager_loop_draws(make_gpt2):
+    """`compiled=True` (a fixed-size cache, one compiled step) draws the eager loop's tokens from the same
+    seed: left padding, EOS padding and the early stop included; a second call of the same shape reuses
+    the kept cache without compiling again, and sees none of the first call's keys."""
+    from torch._dynamo.utils import counters
+
+    model = peaked_gpt2(make_gpt2, seed=6)
+    prompts = [[5, 6, 7, 8, 9, 10], [12, 4], [30, 31, 32, 33], [7], [44, 3, 9], [8, 8]]
+    ids, pmask = utils.left_pad(prompts, pad_id=1)
+    eos = int(next_token_probs(model, prompts[0], 1.0).argsort(descending=True)[2])  # some rows stop early
+
+    def draw(ids, compiled):
+        torch.manual_seed(11)
+        return sampling.sample_completions(
+            model, ids, pmask, max_new_tokens=20, temperature=1.0, eos_token_id=eos, compiled=compiled
+        )
+
+    eager, eager_mask = draw(ids, compiled=False)
+    ours, mask = draw(ids, compiled=True)
+    assert torch.equal(ours, eager) and torch.equal(mask, eager_mask)
+    assert 0 < (ours == eos).any(1).sum() < len(prompts)  # some rows finished early, some ran on
+    graphs = counters["stats"]["unique_graphs"]
+    other, _ = utils.left_pad([[t + 3 for t in p] for p in prompts], pad_id=1)  # new prompts, same mask
+    again, _ = draw(other, compiled=True)
+    assert torch.equal(again, draw(other, compiled=False)[0])
+    assert counters["stats"]["unique_graphs"] == graphs  # the same shape: no new compilation
 
 
 def test_completion_mask_up_to_and_including_first_eos():
@@ -180,7 +209,7 @@ def test_completion_mask_up_to_and_including_first_eos():
     eos = 2
     comps = torch.tensor([[5, eos, 7, eos], [eos, 4, 4, 4], [3, 4, 5, 6], [3, 4, 5, eos]])
     expected = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
-    assert torch.equal(utils.completion_mask(comps, eos), expected)
+    assert torch.equal(sampling.completion_mask(comps, eos), expected)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -208,7 +237,7 @@ def loop_logprob(model, prompt: list[int], completion: list[int], temperature: f
 def batch_logprob(model, temperature: float) -> torch.Tensor:
     ids, pmask = utils.left_pad(PROMPTS, pad_id=EOS)
     logits = utils.completion_logits(model, ids, pmask, COMPLETIONS, temperature)
-    mask = utils.completion_mask(COMPLETIONS, EOS)
+    mask = sampling.completion_mask(COMPLETIONS, EOS)
     return utils.masked_sum(utils.token_logprobs(logits, COMPLETIONS), mask)
 
 

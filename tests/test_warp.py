@@ -1,6 +1,7 @@
 """The RL step and Algorithm 1: direction of the update, EMA anchor, resume, parallel runs, merges."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -190,6 +191,33 @@ def test_interrupted_run_resumes_bitwise(assets, tmp_path):
     assert any(not torch.equal(whole[k], utils.state_of(policy)[k]) for k in whole)  # training did move
     other_seed = run_weights(cfg, prompts, tmp_path / "seed1", tmp_path / "init.safetensors", seed=1)
     assert any(not torch.equal(whole[k], other_seed[k]) for k in whole)
+
+
+@pytest.fixture
+def own_precision():
+    """accelerate keeps one precision per process: start this test from none, and leave none behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_a_run_with_the_compiled_sampler_trains_like_the_eager_one(
+    assets, tmp_path, precision, own_precision
+):
+    """compile_generation samples through the compiled step inside the real run (accelerate, autocast,
+    the optimizer between calls), draws the same completions and so ends with the same weights."""
+    cfg = make_cfg(assets, tmp_path / "out", steps=2, grad_accum=2, mixed_precision=precision)
+    prompts = prompts_of(cfg)
+    policy, _ = utils.load_policy(cfg.sft)
+    checkpoints.save_state(utils.state_of(policy), tmp_path / "init.safetensors")
+    eager = run_weights(cfg, prompts, tmp_path / "eager", tmp_path / "init.safetensors")
+    cfg = dataclasses.replace(cfg, compile_generation=True)
+    ours = run_weights(cfg, prompts, tmp_path / "compiled", tmp_path / "init.safetensors")
+    assert all(torch.allclose(eager[k], ours[k], atol=1e-6) for k in eager)
+    assert any(not torch.equal(eager[k], utils.state_of(policy)[k]) for k in eager)  # training did move
 
 
 def test_parallel_runs_equal_sequential(assets, tmp_path):
