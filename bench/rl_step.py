@@ -238,8 +238,11 @@ def build_assets(scale: str, root: Path) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
-def scale_config(scale: Scale, assets: dict, smoke: bool, threads: int, out_dir: str, total_steps: int):
-    """Our WarpConfig for the benchmark's work: RLOO, k = 2, 32 rows, no accumulation, beta 0.1."""
+def scale_config(
+    scale: Scale, assets: dict, smoke: bool, threads: int, out_dir: str, total_steps: int, compiled=False
+):
+    """Our WarpConfig for the benchmark's work: RLOO, k = 2, 32 rows, no accumulation, beta 0.1;
+    `compiled`: sample with the compiled decode step (`--compile`)."""
     from config import WarpConfig
 
     return WarpConfig.for_preset(
@@ -260,6 +263,7 @@ def scale_config(scale: Scale, assets: dict, smoke: bool, threads: int, out_dir:
         reward_max_length=scale.reward_max_length,
         reward_batch_size=scale.reward_batch_size,
         save_every=total_steps + 1,
+        compile_generation=compiled,
         cpu_threads=threads,
         iterations=1,
         runs=1,
@@ -292,7 +296,9 @@ def bench_prompts(cfg, tokenizer, n: int) -> list[list[int]]:
 # ======================================================================================================
 
 
-def worker_ours(scale: Scale, assets: dict, steps: int, warmup: int, threads: int, smoke: bool) -> dict:
+def worker_ours(
+    scale: Scale, assets: dict, steps: int, warmup: int, threads: int, smoke: bool, compiled: bool = False
+) -> dict:
     """Our step through `warp.train_run`, timed by its on_step callback, split by the wrapped functions."""
     import importlib
 
@@ -333,7 +339,7 @@ def worker_ours(scale: Scale, assets: dict, steps: int, warmup: int, threads: in
         phase_rows.append(clock.take())
 
     with tempfile.TemporaryDirectory(prefix="bench_rl_ours_") as tmp:
-        cfg = scale_config(scale, assets, smoke, threads, tmp, total)
+        cfg = scale_config(scale, assets, smoke, threads, tmp, total, compiled)
         tokenizer = policy_tokenizer(cfg.sft)  # the tokenizer only: a model loaded here would count in memory
         prompts = bench_prompts(cfg, tokenizer, PROMPTS_PER_STEP * total)
         if threads:
@@ -635,29 +641,33 @@ def machine_info() -> dict:
 
 
 def run_worker(
-    side: str, scale: str, assets: Path, steps: int, warmup: int, threads: int, smoke: bool
+    side: str, scale: str, assets: Path, steps: int, warmup: int, threads: int, smoke: bool, compiled=False
 ) -> dict:
     """One side at one scale in its own process; returns what the worker wrote."""
     with tempfile.TemporaryDirectory(prefix="bench_rl_") as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--worker",
-            side,
-            "--scale",
-            scale,
-            "--assets",
-            str(assets),
-            "--steps",
-            str(steps),
-            "--warmup",
-            str(warmup),
-            "--threads",
-            str(threads),
-            "--result",
-            str(result),
-        ] + (["--smoke"] if smoke else [])
+        cmd = (
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--worker",
+                side,
+                "--scale",
+                scale,
+                "--assets",
+                str(assets),
+                "--steps",
+                str(steps),
+                "--warmup",
+                str(warmup),
+                "--threads",
+                str(threads),
+                "--result",
+                str(result),
+            ]
+            + (["--smoke"] if smoke else [])
+            + (["--compile"] if compiled else [])
+        )
         env = {
             **os.environ,
             "HF_HUB_OFFLINE": "1",
@@ -740,7 +750,8 @@ def run(argv: list[str] | None = None) -> dict:
             torch.set_num_threads(args.threads)
         assets = build_assets(args.scale, Path(args.assets))
         worker = worker_ours if args.worker == "ours" else worker_trl
-        out = worker(SCALES[args.scale], assets, args.steps, args.warmup, args.threads, args.smoke)
+        extra = {"compiled": True} if args.compile else {}  # ours only: TRL samples with `generate`
+        out = worker(SCALES[args.scale], assets, args.steps, args.warmup, args.threads, args.smoke, **extra)
         Path(args.result).write_text(json.dumps(out))
         return out
 
@@ -763,6 +774,7 @@ def run(argv: list[str] | None = None) -> dict:
             "warmup": warmup,
             "threads": args.threads or torch.get_num_threads(),
             "smoke": args.smoke,
+            "compile_generation": args.compile,
             "completions_per_step": PROMPTS_PER_STEP * SAMPLES_PER_PROMPT,
             "prompts_per_step": PROMPTS_PER_STEP,
             "samples_per_prompt": SAMPLES_PER_PROMPT,
@@ -780,7 +792,7 @@ def run(argv: list[str] | None = None) -> dict:
         if args.smoke:
             entry["scale"]["max_new_tokens"] = SMOKE_NEW_TOKENS
         raw = {
-            side: run_worker(side, name, assets_root, steps, warmup, args.threads, args.smoke)
+            side: run_worker(side, name, assets_root, steps, warmup, args.threads, args.smoke, args.compile)
             for side in sides
         }
         params = raw.get("ours", {}).get("params")
@@ -891,7 +903,12 @@ def table(report: dict) -> str:
         f"x {s['samples_per_prompt']} samples, RLOO baseline, beta 0.1, temperature 0.9, no top-k/top-p. "
         f"Medians of {s['steps']} measured steps after {s['warmup']} warm-up"
         + (" (SMOKE: the numbers mean nothing)" if s["smoke"] else "")
-        + ".",
+        + "."
+        + (
+            " Ours samples with the compiled decode step (`--compile`)."
+            if s.get("compile_generation")
+            else ""
+        ),
     ]
     if "matmul_peak_flops" in report:
         p = report["matmul_peak_flops"]
@@ -939,6 +956,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--smoke", action="store_true", help="1 step each side, no warm-up, 8 new tokens")
     p.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="ours samples with the compiled decode step (compile_generation)",
+    )
     p.add_argument("--mfu-all", action="store_true", help="also MFU at the offline scale")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_rl"), help="folder of bench_rl.{json,md}")
     p.add_argument(

@@ -8,15 +8,16 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"utils", "config", "checkpoints", "runs", "warp", "evaluation", "offline"}
+OURS = {"utils", "sampling", "config", "checkpoints", "runs", "warp", "evaluation", "offline"}
 # who may import whom: notebooks -> warp -> utils; runs, checkpoints and config beside; evaluation for 02-04
 ALLOWED = {
     "utils": set(),
+    "sampling": set(),
     "checkpoints": set(),
     "runs": {"utils", "checkpoints"},
     "config": {"checkpoints", "offline"},
-    "warp": {"utils", "runs", "checkpoints", "config"},
-    "evaluation": {"utils", "config"},
+    "warp": {"utils", "sampling", "runs", "checkpoints", "config"},
+    "evaluation": {"utils", "sampling", "config"},
     "offline": {"utils"},
 }
 
