@@ -19,6 +19,7 @@ from bench import rl_step  # noqa: E402
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_rl")
     argv = ["--smoke", "--scale", "offline", "--out", str(out), "--assets", str(out / "assets")]
+    argv += ["--compile"]  # ours samples with the compiled decode step; TRL's side is unchanged
     result = rl_step.run(argv)
     return out, result
 
@@ -31,6 +32,7 @@ def test_report_files_agree(report):
     for label in ["**step (median)**", "**non-reward part**", *rl_step.PHASE_LABELS.values()]:
         assert label in markdown, label
     assert "TRL / ours: whole step" in markdown
+    assert result["settings"]["compile_generation"] and "compiled decode step" in markdown
     assert result["machine"]["trl"] != "not installed"
 
 
