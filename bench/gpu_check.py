@@ -18,6 +18,7 @@ times). The table also goes to `<out>/gpu_check.json` and `<out>/gpu_check.md`.
     python bench/gpu_check.py --smoke          # one step of everything: what the CPU test runs
     python bench/gpu_check.py --disk           # the local disk the series needs with a store (CPU is fine)
     python bench/gpu_check.py --compile        # 02 and 04 with WarpConfig.compile_generation
+    python bench/gpu_check.py --rows 64        # 02 and 04 sample 64 rows at once (batch_size 64 x 1)
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def run_notebook(name: str, work: Path, **parameters) -> float:
 
 
 STORE = ""  # the checkpoint store the notebooks get (`--disk` sets a folder beside the checkpoints)
-COMPILE = False  # 02 and 04 sample with the compiled decode step (`--compile`: compile_generation)
+RL_OVERRIDES: dict = {}  # WarpConfig fields for 02 and 04 (`--compile`, `--rows`)
 
 
 def rl_speed(run_dirs: list[Path], rows_per_step: int) -> dict[str, float]:
@@ -181,7 +182,7 @@ def run_check(out: Path, sizes: dict, shared: Path | None = None) -> dict:
         now = checkpoints.folder_bytes(ck)
         result["disk_gb"], result["disk_peak_gb"] = now / 1e9, max(disk.peak, now) / 1e9
         result["store"] = STORE or None
-        result["compile_generation"] = COMPILE
+        result["rl_overrides"] = RL_OVERRIDES
         save(result, out)
 
     with PeakDisk(ck) as disk:
@@ -218,7 +219,7 @@ def run_stages(out, ck, assets, sizes, stages: dict, disk: PeakDisk, report=lamb
         report()
 
     # 02: WARP and the REINFORCE baseline
-    warp_cfg = dict(sft=assets["sft"], data=assets["data"], compile_generation=COMPILE, **sizes["02"])
+    warp_cfg = dict(sft=assets["sft"], data=assets["data"], **{**sizes["02"], **RL_OVERRIDES})
     wall = run_notebook("02_warp_training", out, OVERRIDES=warp_cfg, EVAL_PROMPTS=sizes["02_eval_prompts"])
     rows = warp_cfg["batch_size"] * warp_cfg["grad_accum"]
     runs_02 = sorted((ck / "warp").glob("iter*/run*")) + [ck / "warp" / "reinforce"]
@@ -239,7 +240,7 @@ def run_stages(out, ck, assets, sizes, stages: dict, disk: PeakDisk, report=lamb
     report()
 
     # 04: the mu sweep, small
-    sweep = dict(sft=assets["sft"], data=assets["data"], compile_generation=COMPILE, **sizes["04"])
+    sweep = dict(sft=assets["sft"], data=assets["data"], **{**sizes["04"], **RL_OVERRIDES})
     wall = run_notebook(
         "04_mu_sweep", out, MUS=sizes["04_mus"], OVERRIDES=sweep, EVAL_OVERRIDES=sizes["04_eval"]
     )
@@ -259,7 +260,7 @@ def table(result: dict) -> str:
         f"GPU: {m['gpu']} (x{m['gpus']}), torch {m['torch']}, CUDA {m['cuda']}; "
         f"total {result['total_seconds'] / 60:.1f} min; local checkpoints {result['disk_gb']:.1f} GB at the "
         f"end, {result['disk_peak_gb']:.1f} GB at the peak (store: {result['store'] or 'none'})"
-        + ("; 02 and 04 sample with the compiled decode step" if result.get("compile_generation") else ""),
+        + (f"; 02 and 04 with {result['rl_overrides']}" if result.get("rl_overrides") else ""),
         "",
         "| stage | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",
@@ -286,15 +287,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--compile", action="store_true", help="02 and 04 sample with the compiled decode step"
     )
+    parser.add_argument(
+        "--rows", type=int, default=None, choices=[16, 32, 64],
+        help="02 and 04 sample this many rows at once (batch_size), 64 a step as the preset (grad_accum)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     shared = Path(args.shared) if args.shared else None
     reason = imdb_shaped.missing_shared(shared or imdb_shaped.SHARED)
     if reason:
         raise SystemExit(reason)
     out = Path(args.out)
-    global STORE, COMPILE
+    global STORE, RL_OVERRIDES
     STORE = str((out / "store").resolve()) if args.disk else ""
-    COMPILE = args.compile
+    RL_OVERRIDES = {"compile_generation": True} if args.compile else {}
+    if args.rows:
+        RL_OVERRIDES.update(batch_size=args.rows, grad_accum=64 // args.rows)
     result = run_check(out, DISK if args.disk else SMOKE if args.smoke else CHECK, shared)
     print(table(result))
     return result

@@ -63,6 +63,8 @@ PHASES = {
 }
 # reward scoring: the reward_fn that this function returns as its 4th value (policy, anchor, tok, reward_fn)
 REWARD_SOURCE = ("runs", "load_rl_models")
+# parts of a phase, timed inside it (ours): key -> (module, function name)
+SUB_PHASES = {"reward_texts": ("utils", "decode_texts")}
 # TRL's side: phase -> RLOOTrainer method (the reward is the callable we give it)
 TRL_PHASES = {"generation": "_generate", "logprobs": "_get_per_token_logps_and_entropies"}
 
@@ -73,6 +75,7 @@ PHASE_LABELS = {
     "policy_logprobs_nograd": "policy log-probs (no grad; TRL's old_logps)",
     "anchor_logprobs": "anchor / ref log-probs",
     "reward": "reward scoring",
+    "reward_texts": "reward: ids to texts (part of the above)",
     "backward_optimizer": "backward + optimizer + rest",
     "ema": "EMA anchor update",
 }
@@ -139,6 +142,21 @@ class PhaseClock:
             if on_result is not None:
                 on_result(args, kwargs, out)
             return out
+
+        return timed
+
+    def wrap_part(self, fn, key: str):
+        """`fn` timed under `key` even inside a timed call: a part of a phase, not a phase of its own."""
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            _sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync()
+                self.totals[key] += time.perf_counter() - start
 
         return timed
 
@@ -319,6 +337,9 @@ def worker_ours(
             # the sampler's calls are counted; the tensors are read after the run (no sync inside a step)
             on_result = (lambda a, k, out: seen["generation"].append(out)) if phase == "generation" else None
             setattr(module, fn_name, clock.wrap(getattr(module, fn_name), phase_of, on_result))
+    for key, (module_name, fn_name) in SUB_PHASES.items():
+        module = importlib.import_module(module_name)
+        setattr(module, fn_name, clock.wrap_part(getattr(module, fn_name), key))
 
     loaded = {}
     source_module = importlib.import_module(REWARD_SOURCE[0])
@@ -710,10 +731,11 @@ def summarise(side: dict, params: dict | None, peak: dict | None, use_bf16: bool
             "policy_logprobs_nograd",
             "anchor_logprobs",
             "reward",
+            "reward_texts",
             "ema",
         ):
             phases[key].append(row.get(key, 0.0))
-        phases["backward_optimizer"].append(t - sum(row.values()))
+        phases["backward_optimizer"].append(t - sum(v for k, v in row.items() if k not in SUB_PHASES))
         phases["non_reward"].append(t - row.get("reward", 0.0))
     work = side["work"]
     med = statistics.median

@@ -39,7 +39,7 @@ def test_report_files_agree(report):
 def test_every_phase_is_timed_and_positive(report):
     offline = report[1]["scales"]["offline"]
     shared = ["generation", "policy_logprobs", "anchor_logprobs", "reward", "non_reward"]
-    for side, own in (("ours", ["ema"]), ("trl", ["policy_logprobs_nograd"])):
+    for side, own in (("ours", ["ema", "reward_texts"]), ("trl", ["policy_logprobs_nograd"])):
         s = offline[side]
         assert s["steps"] == 1 and s["step_s"] > 0, side
         for phase in shared + own:
@@ -49,6 +49,8 @@ def test_every_phase_is_timed_and_positive(report):
         assert s["samples_per_s"] > 0 and s["generated_tokens_per_s"] > 0
         assert s["peak_memory_bytes"] > 2**20
     assert offline["ours"]["phases_s"]["policy_logprobs_nograd"] == 0  # ours has no second policy pass
+    ours = offline["ours"]["phases_s"]
+    assert ours["reward_texts"] < ours["reward"]  # a part of the reward phase, not counted twice
     assert offline["merge"]["seconds"] > 0 and offline["merge"]["parameters"] > 0
 
 
