@@ -338,6 +338,9 @@ class EvalConfig(ConfigBase):
     """Points (1 - eta) * theta_sft + eta * theta_slerp of the Pareto front."""
     seed: int = 0
     """Chooses the prompts and seeds the sampling of every model identically."""
+    compile_generation: bool = False
+    """Sample with the compiled decode step, as `WarpConfig.compile_generation` (every model compared the
+    same way: the draws of the two loops agree up to rounding, not bit for bit)."""
 
     PRESET_DEFAULTS = {
         "imdb": {},

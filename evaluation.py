@@ -131,6 +131,7 @@ def sample_and_score(
     temperature: float,
     batch_size: int = 64,
     reference: nn.Module | None = None,
+    compiled: bool = False,
 ):
     """Completions of each prompt sampled from `policy`, with reward and KL(policy || sft) per sample.
 
@@ -138,7 +139,8 @@ def sample_and_score(
     exact per-position KL over the vocabulary summed along the sequence (low variance, >= 0), `kl_k1`
     the sum of log-ratios of the sampled tokens. With a `reference` LM (same tokenizer, never trained by
     RL), `ref_nll` is the completion's mean negative log-likelihood per token under it at temperature 1:
-    fluency, so that reward bought with broken text shows. Returns a pandas DataFrame, one row per sample.
+    fluency, so that reward bought with broken text shows. `compiled`: sample with the compiled decode
+    step (`sampling.sample_completions`). Returns a pandas DataFrame, one row per sample.
     """
     import pandas as pd
 
@@ -151,7 +153,7 @@ def sample_and_score(
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         completions, mask = sample_completions(
             policy, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id, compiled=compiled,
         )  # fmt: skip
         logits = completion_logits(policy, prompt_ids, prompt_mask, completions, temperature)
         ref_logits = completion_logits(
@@ -214,7 +216,7 @@ def evaluate(model, sft, tokenizer, reward_fn, rows, labels, cfg: EvalConfig, re
     samples = sample_and_score(
         model, sft, tokenizer, reward_fn, rows, samples_per_prompt=cfg.samples_per_prompt,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size,
-        reference=reference,
+        reference=reference, compiled=cfg.compile_generation,
     )  # fmt: skip
     return summarise(samples, labels), samples
 

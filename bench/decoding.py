@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 import runs  # noqa: E402
 import sampling  # noqa: E402
-from bench.rl_step import machine_info  # noqa: E402
+from bench.rl_step import machine_info, machine_line  # noqa: E402
 
 MODELS = {  # GPT2Config overrides
     "gpt2-small": {},
@@ -102,12 +102,12 @@ def measure(model, rows: int, args, device: torch.device, autocast) -> dict:
 
 
 def table(report: dict) -> str:
+    """The report as markdown: the machine and settings, then one row per model and row count."""
     m, s = report["machine"], report["settings"]
     lines = [
         f"# Decoding benchmark ({report['date']})",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), GPU: {m['gpu']}; "
-        f"torch {m['torch']}, transformers {m['transformers']}; mixed precision {s['precision']}. Prompts of "
+        f"{machine_line(m, m['torch_threads'])}; mixed precision {s['precision']}. Prompts of "
         f"{s['prompt_tokens']} tokens, {s['new_tokens']} new tokens, median of {s['repeats']} calls"
         + (" (SMOKE: the numbers mean nothing)" if s["smoke"] else "")
         + ".",

@@ -17,7 +17,7 @@ times). The table also goes to `<out>/gpu_check.json` and `<out>/gpu_check.md`.
     python bench/gpu_check.py                  # the check, about 8 minutes on one GPU
     python bench/gpu_check.py --smoke          # one step of everything: what the CPU test runs
     python bench/gpu_check.py --disk           # the local disk the series needs with a store (CPU is fine)
-    python bench/gpu_check.py --compile        # 02 and 04 with WarpConfig.compile_generation
+    python bench/gpu_check.py --compile        # 02-04 with compile_generation (WarpConfig, EvalConfig)
     python bench/gpu_check.py --rows 64        # 02 and 04 sample 64 rows at once (batch_size 64 x 1)
 """
 
@@ -157,6 +157,7 @@ def run_notebook(name: str, work: Path, **parameters) -> float:
 
 STORE = ""  # the checkpoint store the notebooks get (`--disk` sets a folder beside the checkpoints)
 RL_OVERRIDES: dict = {}  # WarpConfig fields for 02 and 04 (`--compile`, `--rows`)
+EVAL_OVERRIDES: dict = {}  # EvalConfig fields for 03 and 04 (`--compile`)
 
 
 def rl_speed(run_dirs: list[Path], rows_per_step: int) -> dict[str, float]:
@@ -182,7 +183,7 @@ def run_check(out: Path, sizes: dict, shared: Path | None = None) -> dict:
         now = checkpoints.folder_bytes(ck)
         result["disk_gb"], result["disk_peak_gb"] = now / 1e9, max(disk.peak, now) / 1e9
         result["store"] = STORE or None
-        result["rl_overrides"] = RL_OVERRIDES
+        result["rl_overrides"], result["eval_overrides"] = RL_OVERRIDES, EVAL_OVERRIDES
         save(result, out)
 
     with PeakDisk(ck) as disk:
@@ -232,7 +233,8 @@ def run_stages(out, ck, assets, sizes, stages: dict, disk: PeakDisk, report=lamb
     # the reference LM of the perplexity column: imdb's gpt2-medium needs the Hub; GPT-2 small's shapes
     # (random weights) stand in for it in the check (gpt2-medium's pass costs about 3x more), none in smoke
     reference = "" if sizes is not CHECK else assets["sft"]
-    wall = run_notebook("03_generation_eval", out, OVERRIDES=sizes["03"], REFERENCE_LM=reference)
+    evaluation = {**sizes["03"], **EVAL_OVERRIDES}
+    wall = run_notebook("03_generation_eval", out, OVERRIDES=evaluation, REFERENCE_LM=reference)
     n_eval = len(json.loads((ck / "eval" / "headline.json").read_text())["pareto"]) + 4
     sequences = n_eval * sizes["03"]["n_prompts"] * sizes["03"]["samples_per_prompt"]
     stages["03"] = {"wall s": wall, "projected imdb min": wall / sequences * IMDB_03_SEQUENCES / 60}
@@ -242,7 +244,11 @@ def run_stages(out, ck, assets, sizes, stages: dict, disk: PeakDisk, report=lamb
     # 04: the mu sweep, small
     sweep = dict(sft=assets["sft"], data=assets["data"], **{**sizes["04"], **RL_OVERRIDES})
     wall = run_notebook(
-        "04_mu_sweep", out, MUS=sizes["04_mus"], OVERRIDES=sweep, EVAL_OVERRIDES=sizes["04_eval"]
+        "04_mu_sweep",
+        out,
+        MUS=sizes["04_mus"],
+        OVERRIDES=sweep,
+        EVAL_OVERRIDES={**sizes["04_eval"], **EVAL_OVERRIDES},
     )
     speed = rl_speed(
         sorted((ck / "mu_sweep").glob("mu=*/iter*/run*")), sweep["batch_size"] * sweep["grad_accum"]
@@ -260,7 +266,8 @@ def table(result: dict) -> str:
         f"GPU: {m['gpu']} (x{m['gpus']}), torch {m['torch']}, CUDA {m['cuda']}; "
         f"total {result['total_seconds'] / 60:.1f} min; local checkpoints {result['disk_gb']:.1f} GB at the "
         f"end, {result['disk_peak_gb']:.1f} GB at the peak (store: {result['store'] or 'none'})"
-        + (f"; 02 and 04 with {result['rl_overrides']}" if result.get("rl_overrides") else ""),
+        + (f"; 02 and 04 train with {result['rl_overrides']}" if result.get("rl_overrides") else "")
+        + (f"; 03 and 04 evaluate with {result['eval_overrides']}" if result.get("eval_overrides") else ""),
         "",
         "| stage | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",
@@ -285,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     parser.add_argument("--shared", default=None, help="folder with gpt2_tokenizer/ and imdb_train_4k.jsonl")
     parser.add_argument(
-        "--compile", action="store_true", help="02 and 04 sample with the compiled decode step"
+        "--compile", action="store_true", help="02, 03 and 04 sample with the compiled decode step"
     )
     parser.add_argument(
         "--rows", type=int, default=None, choices=[16, 32, 64],
@@ -297,9 +304,10 @@ def main(argv: list[str] | None = None) -> dict:
     if reason:
         raise SystemExit(reason)
     out = Path(args.out)
-    global STORE, RL_OVERRIDES
+    global STORE, RL_OVERRIDES, EVAL_OVERRIDES
     STORE = str((out / "store").resolve()) if args.disk else ""
     RL_OVERRIDES = {"compile_generation": True} if args.compile else {}
+    EVAL_OVERRIDES = {"compile_generation": True} if args.compile else {}
     if args.rows:
         RL_OVERRIDES.update(batch_size=args.rows, grad_accum=64 // args.rows)
     result = run_check(out, DISK if args.disk else SMOKE if args.smoke else CHECK, shared)

@@ -661,6 +661,14 @@ def machine_info() -> dict:
     }
 
 
+def machine_line(m: dict, threads: int) -> str:
+    """'Machine: CPU, cores (threads), GPU; torch, transformers' from `machine_info()`."""
+    return (
+        f"Machine: {m['cpu']}, {m['cores']} cores ({threads} torch threads), GPU: {m['gpu']}; "
+        f"torch {m['torch']}, transformers {m['transformers']}"
+    )
+
+
 def run_worker(
     side: str, scale: str, assets: Path, steps: int, warmup: int, threads: int, smoke: bool, compiled=False
 ) -> dict:
@@ -919,8 +927,7 @@ def table(report: dict) -> str:
     lines = [
         f"# RL step benchmark ({report['date']})",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores ({s['threads']} torch threads), GPU: {m['gpu']}; "
-        f"torch {m['torch']}, transformers {m['transformers']}, TRL {m['trl']}.",
+        f"{machine_line(m, s['threads'])}, TRL {m['trl']}.",
         f"Work per optimizer step: {s['completions_per_step']} completions = {s['prompts_per_step']} prompts "
         f"x {s['samples_per_prompt']} samples, RLOO baseline, beta 0.1, temperature 0.9, no top-k/top-p. "
         f"Medians of {s['steps']} measured steps after {s['warmup']} warm-up"
