@@ -197,7 +197,6 @@ def decode_texts(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, completions
     return [tokenizer.decode(row[k].tolist()) for row, k in zip(ids, keep, strict=True)]
 
 
-@torch.no_grad()
 def score_texts(
     reward_model: nn.Module,
     reward_tokenizer,
@@ -206,29 +205,31 @@ def score_texts(
     max_length: int = 512,
 ) -> Tensor:
     """(N,) float32 rewards: the reward model's single logit, re-tokenised with its own tokenizer (once),
-    scored in batches of similar length, each padded only to its own longest text; in the input order."""
+    scored in batches of similar length, each padded only to its own longest text, under
+    `torch.inference_mode`; in the input order."""
     if not texts:
         return torch.zeros(0)
-    device = model_device(reward_model)
-    enc = reward_tokenizer(list(texts), truncation=True, max_length=max_length)
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
-    scores = torch.zeros(len(texts))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        longest = max(len(enc["input_ids"][i]) for i in rows)
-        batch = {}
-        for key in keys:  # pad with the pad token (ids) or 0 (masks), on the tokenizer's padding side
-            fill = reward_tokenizer.pad_token_id if key == "input_ids" else 0
-            padded = [
-                enc[key][i] + [fill] * (longest - len(enc[key][i]))
-                if reward_tokenizer.padding_side == "right"
-                else [fill] * (longest - len(enc[key][i])) + enc[key][i]
-                for i in rows
-            ]
-            batch[key] = torch.tensor(padded, device=device)
-        scores[rows] = reward_model(**batch).logits[:, 0].float().cpu()
-    return scores
+    with torch.inference_mode():
+        device = model_device(reward_model)
+        enc = reward_tokenizer(list(texts), truncation=True, max_length=max_length)
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+        order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
+        scores = torch.zeros(len(texts))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            longest = max(len(enc["input_ids"][i]) for i in rows)
+            batch = {}
+            for key in keys:  # pad with the pad token (ids) or 0 (masks), on the tokenizer's padding side
+                fill = reward_tokenizer.pad_token_id if key == "input_ids" else 0
+                padded = [
+                    enc[key][i] + [fill] * (longest - len(enc[key][i]))
+                    if reward_tokenizer.padding_side == "right"
+                    else [fill] * (longest - len(enc[key][i])) + enc[key][i]
+                    for i in rows
+                ]
+                batch[key] = torch.tensor(padded, device=device)
+            scores[rows] = reward_model(**batch).logits[:, 0].float().cpu()
+    return scores.clone()  # a plain tensor again: callers may modify it
 
 
 def make_reward_fn(
