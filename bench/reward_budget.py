@@ -124,6 +124,7 @@ def budget_curve(mode: str, args, data: Path, deadline: float) -> tuple[list[dic
             "max_length": args.max_length,
             "eval_batch_size": args.eval_batch_size,
             "show_reviews": 0,
+            "mixed_precision": args.precision,
         }
         seconds = run_session(work, overrides, args.threads)
         progress = torch.load(progress_file, weights_only=False)
@@ -240,6 +241,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-batch-size", type=int, default=16, help="held-out reviews per forward pass")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of the notebook's kernel")
     parser.add_argument(
+        "--precision", choices=["no", "bf16"], default="no",
+        help="01's mixed_precision: bf16 autocast on a CPU with native bf16 (avx512_bf16) is faster",
+    )  # fmt: skip
+    parser.add_argument(
         "--minutes", type=float, nargs="+", default=[40.0, 15.0], help="wall time per mode (the last repeats)"
     )
     parser.add_argument("--resume", action="store_true", help="continue the curves already in --out")
@@ -269,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
         deadline = time.time() + 60 * args.minutes[min(i, len(args.minutes) - 1)]
         mode_rows, chosen[mode], saved = budget_curve(mode, args, out / "data", deadline)
         rows += mode_rows
-        settings[mode] = {k: saved[k] for k in ("lr", "batch_size", "max_length", "lora_r", "weight_decay")}
+        keys = ("lr", "batch_size", "max_length", "lora_r", "weight_decay", "mixed_precision")
+        settings[mode] = {k: saved[k] for k in keys}
 
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
