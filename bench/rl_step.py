@@ -695,7 +695,7 @@ def run_worker(
                 str(result),
             ]
             + (["--smoke"] if smoke else [])
-            + (["--compile"] if compiled else [])
+            + (["--compile"] if compiled and side == "ours" else [])
         )
         env = {
             **os.environ,
@@ -780,7 +780,7 @@ def run(argv: list[str] | None = None) -> dict:
             torch.set_num_threads(args.threads)
         assets = build_assets(args.scale, Path(args.assets))
         worker = worker_ours if args.worker == "ours" else worker_trl
-        extra = {"compiled": True} if args.compile and args.worker == "ours" else {}  # TRL: `generate`
+        extra = {"compiled": True} if args.compile else {}  # only ours gets --compile (TRL: `generate`)
         out = worker(SCALES[args.scale], assets, args.steps, args.warmup, args.threads, args.smoke, **extra)
         Path(args.result).write_text(json.dumps(out))
         return out
