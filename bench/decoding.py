@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 import runs  # noqa: E402
 import sampling  # noqa: E402
-from bench.rl_step import machine_info, machine_line  # noqa: E402
+from bench import machine  # noqa: E402
 
 MODELS = {  # GPT2Config overrides
     "gpt2-small": {},
@@ -51,11 +51,6 @@ def build(model: str, smoke: bool, device: torch.device):
     torch.manual_seed(0)
     cfg = GPT2Config(**(SMOKE if smoke else MODELS[model]))
     return GPT2LMHeadModel(cfg).to(device).eval()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def decode(method: str, model, ids, new_tokens: int, temperature: float):
@@ -81,13 +76,13 @@ def measure(model, rows: int, args, device: torch.device, autocast) -> dict:
             start = time.perf_counter()
             torch.manual_seed(1)
             drawn[method] = decode(method, model, ids, args.new_tokens, args.temperature)  # warm-up / compile
-            sync(device)
+            machine.sync()
             first = time.perf_counter() - start
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 decode(method, model, ids, args.new_tokens, args.temperature)
-                sync(device)
+                machine.sync()
                 times.append(time.perf_counter() - start)
         per_token = statistics.median(times) / args.new_tokens
         out[method] = {
@@ -107,7 +102,7 @@ def table(report: dict) -> str:
     lines = [
         f"# Decoding benchmark ({report['date']})",
         "",
-        f"{machine_line(m, m['torch_threads'])}; mixed precision {s['precision']}. Prompts of "
+        f"{machine.line(m, m['torch_threads'])}; mixed precision {s['precision']}. Prompts of "
         f"{s['prompt_tokens']} tokens, {s['new_tokens']} new tokens, median of {s['repeats']} calls"
         + (" (SMOKE: the numbers mean nothing)" if s["smoke"] else "")
         + ".",
@@ -153,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(),
+        "machine": machine.describe(),
         "settings": {
             "precision": precision,
             "prompt_tokens": args.prompt_tokens,

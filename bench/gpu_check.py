@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import checkpoints  # noqa: E402
-from bench import imdb_shaped  # noqa: E402
+from bench import imdb_shaped, machine  # noqa: E402
 
 # What each stage runs: the check's own sizes, and the smoke test's one step of everything.
 CHECK = {
@@ -83,19 +83,6 @@ IMDB_03_SEQUENCES = (
     (4 + 11 + 5) * 100 * 4
 )  # (models + eta points + REINFORCE checkpoints) x prompts x samples
 IMDB_04_STEPS, IMDB_04_SEQUENCES = 3 * 2 * 2 * 100, 4 * 100 * 4
-
-
-def machine() -> dict[str, str]:
-    """The accelerator, torch and CUDA versions."""
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
-    return {
-        "gpu": gpu,
-        "gpus": str(torch.cuda.device_count()),
-        "torch": torch.__version__,
-        "cuda": str(torch.version.cuda),
-    }
 
 
 def native_bf16() -> bool:
@@ -174,7 +161,7 @@ def run_check(out: Path, sizes: dict, shared: Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     assets = imdb_shaped.build_assets(out / "assets", shared or imdb_shaped.SHARED)
-    result = {"machine": machine(), "assets_seconds": time.time() - start, "stages": {}}
+    result = {"machine": machine.describe(), "assets_seconds": time.time() - start, "stages": {}}
     stages = result["stages"]
     ck = out / "ck"
 

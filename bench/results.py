@@ -46,6 +46,7 @@ import evaluation  # noqa: E402
 import runs  # noqa: E402
 import utils  # noqa: E402
 import warp  # noqa: E402
+from bench.machine import cpu_model  # noqa: E402
 
 T_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # t(0.975, df)
 
@@ -491,12 +492,9 @@ def rebuilt(out: Path, study: Study) -> dict:
 
 
 def machine() -> str:
-    import platform
-
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def report(result: dict, study: Study) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.machine import cpu_model  # noqa: E402
+
 SHARED_DATA = ROOT.parent / "shared" / "data" / "imdb_train_4k.jsonl"
 NOTEBOOK = ROOT / "01_reward_model.ipynb"
 
@@ -166,17 +167,9 @@ def _figs(entry: dict) -> dict:
     }
 
 
-def machine(threads: int) -> str:
+def machine_text(threads: int) -> str:
     """The CPU model, its core count and the threads used."""
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores (nproc), {threads} thread(s) used"
+    return f"{cpu_model()}, {os.cpu_count()} cores (nproc), {threads} thread(s) used"
 
 
 def plot(rows: list[dict], chosen: dict, path: Path, title: str) -> None:
@@ -264,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out).resolve()  # the notebook runs in a folder of its own
     counts = split_reviews(data, out / "data", args.heldout)  # the same split every time: --resume reuses it
     print(
-        f"{counts['train']} training reviews, {counts['heldout']} held-out; {machine(args.threads)}",
+        f"{counts['train']} training reviews, {counts['heldout']} held-out; {machine_text(args.threads)}",
         flush=True,
     )
 
@@ -286,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     (docs / "reward_budget.csv").write_text("\n".join(csv) + "\n")
     result = {
         "command": "python bench/reward_budget.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(args.threads),
+        "machine": machine_text(args.threads),
         "torch": __import__("torch").__version__,
         "reviews": counts,
         "rule": f"smallest budget past which a doubling gains < {args.tol} held-out accuracy (all pairs)",

@@ -33,7 +33,6 @@ import functools
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import machine  # noqa: E402
 
 # ======================================================================================================
 # What is timed. Repoint here when the project's functions move or are renamed: phase -> the
@@ -107,13 +109,6 @@ SMOKE_NEW_TOKENS = 8  # --smoke: completions of at most this many tokens
 # ======================================================================================================
 
 
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 class PhaseClock:
     """Seconds spent in each phase since the last `take()`; wrapped functions add to it."""
 
@@ -130,14 +125,14 @@ class PhaseClock:
             if self.active:
                 return fn(*args, **kwargs)
             phase = phase_of(*args, **kwargs)
-            _sync()
+            machine.sync()
             start = time.perf_counter()
             self.active += 1
             try:
                 out = fn(*args, **kwargs)
             finally:
                 self.active -= 1
-                _sync()
+                machine.sync()
                 self.totals[phase] += time.perf_counter() - start
             if on_result is not None:
                 on_result(args, kwargs, out)
@@ -150,12 +145,12 @@ class PhaseClock:
 
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            _sync()
+            machine.sync()
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                _sync()
+                machine.sync()
                 self.totals[key] += time.perf_counter() - start
 
         return timed
@@ -170,17 +165,6 @@ def _grad_phase(*args, **kwargs) -> str:
     import torch
 
     return "policy_logprobs" if torch.is_grad_enabled() else "anchor_logprobs"
-
-
-def peak_memory() -> tuple[int, str]:
-    """Peak memory of this process: torch.cuda.max_memory_allocated on a GPU, else peak RSS."""
-    import resource
-
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated(), "GPU max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
 
 
 def work_row(b, p, length, gen_tokens, prompt_tokens, reward_tok, texts, cfg) -> dict:
@@ -370,7 +354,7 @@ def worker_ours(
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         warp.train_run(cfg, spec, prompts, on_step=on_step, device=device)
-    memory, memory_kind = peak_memory()
+    memory, memory_kind = machine.peak_memory()
     check_counts("ours", total, step_times, [out[0].shape[0] for out in seen["generation"]])
 
     # what each step processed: shapes from the generation calls, reward tokens from the scored texts
@@ -529,12 +513,12 @@ def worker_trl(scale: Scale, assets: dict, steps: int, warmup: int, threads: int
 
         class StepClock(TrainerCallback):
             def on_step_begin(self, *a, **k):
-                _sync()
+                machine.sync()
                 clock.take()  # anything before the step (none expected) is not the step's
                 self.start = time.perf_counter()
 
             def on_step_end(self, *a, **k):
-                _sync()
+                machine.sync()
                 step_times.append(time.perf_counter() - self.start)
                 phase_rows.append(clock.take())
 
@@ -542,7 +526,7 @@ def worker_trl(scale: Scale, assets: dict, steps: int, warmup: int, threads: int
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
-        memory, memory_kind = peak_memory()
+        memory, memory_kind = machine.peak_memory()
         check_counts("TRL", total, step_times, [c[0] for c in seen["generation"]])
         settings = {
             "per_device_train_batch_size": args.per_device_train_batch_size,
@@ -605,68 +589,6 @@ def merge_seconds(sft: str, repeats: int) -> dict:
         times.append(time.perf_counter() - start)
     n = sum(v.numel() for k, v in init.items() if k in utils._unique_keys(init))
     return {"seconds": statistics.median(times), "parameters": n, "repeats": repeats}
-
-
-def matmul_peak(smoke: bool) -> dict:
-    """This machine's measured matmul throughput (FLOP/s): the best of a few large square matmuls, fp32
-    on the CPU; fp32 and bf16 on a GPU."""
-    import torch
-
-    sizes = (1024,) if smoke else (2048, 3072, 4096)
-    repeats = 1 if smoke else 2
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
-    out = {"device": device, "sizes": list(sizes)}
-    for dtype in dtypes:
-        best = 0.0
-        for n in sizes:
-            a = torch.randn(n, n, device=device, dtype=dtype)
-            b = torch.randn(n, n, device=device, dtype=dtype)
-            a @ b  # warm-up
-            for _ in range(repeats):
-                _sync()
-                start = time.perf_counter()
-                a @ b
-                _sync()
-                best = max(best, 2 * n**3 / (time.perf_counter() - start))
-        out[str(dtype).replace("torch.", "")] = best
-    return out
-
-
-def machine_info() -> dict:
-    import torch
-    import transformers
-
-    try:
-        import trl
-
-        trl_version = trl.__version__
-    except ImportError:
-        trl_version = "not installed"
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl_version,
-    }
-
-
-def machine_line(m: dict, threads: int) -> str:
-    """'Machine: CPU, cores (threads), GPU; torch, transformers' from `machine_info()`."""
-    return (
-        f"Machine: {m['cpu']}, {m['cores']} cores ({threads} torch threads), GPU: {m['gpu']}; "
-        f"torch {m['torch']}, transformers {m['transformers']}"
-    )
 
 
 def run_worker(
@@ -775,7 +697,6 @@ def run(argv: list[str] | None = None) -> dict:
     if args.worker:
         import torch
 
-        sys.path.insert(0, str(ROOT))
         if args.threads:
             torch.set_num_threads(args.threads)
         assets = build_assets(args.scale, Path(args.assets))
@@ -787,7 +708,6 @@ def run(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from bench import imdb_shaped
 
     if args.threads:
@@ -798,7 +718,7 @@ def run(argv: list[str] | None = None) -> dict:
     assets_root = Path(args.assets)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(),
+        "machine": machine.describe(),
         "settings": {
             "steps": steps,
             "warmup": warmup,
@@ -836,7 +756,7 @@ def run(argv: list[str] | None = None) -> dict:
         entry["params"] = params
         peak = None
         if name == "imdb" or args.mfu_all:
-            peak = report.setdefault("matmul_peak_flops", matmul_peak(args.smoke))
+            peak = report.setdefault("matmul_peak_flops", machine.matmul_peak(args.smoke))
         use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
         for side, result in raw.items():
             entry[side] = summarise(result, params, peak, use_bf16)
@@ -927,7 +847,7 @@ def table(report: dict) -> str:
     lines = [
         f"# RL step benchmark ({report['date']})",
         "",
-        f"{machine_line(m, s['threads'])}, TRL {m['trl']}.",
+        f"{machine.line(m, s['threads'])}, TRL {m['trl']}.",
         f"Work per optimizer step: {s['completions_per_step']} completions = {s['prompts_per_step']} prompts "
         f"x {s['samples_per_prompt']} samples, RLOO baseline, beta 0.1, temperature 0.9, no top-k/top-p. "
         f"Medians of {s['steps']} measured steps after {s['warmup']} warm-up"
