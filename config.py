@@ -163,7 +163,9 @@ class ConfigBase:
         """Each field holds its declared type (an int where a float is declared is fine; a bool is not a
         number), so that "10" or 1e-4 in the wrong place fails here, not deep inside a run."""
         for f in dataclasses.fields(self):
-            value, kind = getattr(self, f.name), str(f.type)
+            # a string under `from __future__ import annotations`, else the type itself (01's notebook cell)
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            value = getattr(self, f.name)
             expected = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}.get(kind)
             if kind.startswith("tuple"):
                 expected = (tuple, list)

@@ -75,3 +75,19 @@ def kill_notebook_when(notebook: Path, workdir: Path, parameters: dict, ready, t
         p.send_signal(signal.SIGKILL)
     psutil.wait_procs(victims, timeout=30)
     child.wait()
+
+
+def notebook_class(
+    name: str, class_name: str, imports: str = "import config\nfrom dataclasses import dataclass"
+):
+    """The class `class_name` as the code cell of `name`.ipynb that defines it builds it (after `imports`),
+    so a test can check a notebook's config without running the notebook."""
+    cells = json.loads((ROOT / f"{name}.ipynb").read_text())["cells"]
+    marker = f"class {class_name}("
+    source = next(
+        "".join(c["source"]) for c in cells if c["cell_type"] == "code" and marker in "".join(c["source"])
+    )
+    namespace: dict = {}
+    code = compile(f"{imports}\n{source}", f"{name}.ipynb:{class_name}", "exec", dont_inherit=True)
+    exec(code, namespace)  # dont_inherit: no `from __future__` of this file, as in the notebook
+    return namespace[class_name]

@@ -93,6 +93,35 @@ def test_unknown_field_or_preset_raises_naming_it():
         config.WarpConfig.for_preset("nope")
 
 
+def reward_config():
+    """01's RewardConfig, built from the notebook's own cell."""
+    from tests.notebook import notebook_class
+
+    return notebook_class("01_reward_model", "RewardConfig")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("epochs", "3", r"epochs='3': must be of type int, not str"),
+        ("lr", True, r"lr=True: must be of type float"),
+    ],
+)
+def test_01_config_checks_types_of_a_notebook_cell(field, value, message):
+    """The type check works on a class whose annotations are types (01's cell), not only strings."""
+    with pytest.raises(ValueError, match=message):
+        reward_config().for_preset("imdb", reward_base="encoder", data="reviews", **{field: value})
+
+
+def test_gpu_check_projects_01_at_its_defaults():
+    """bench/gpu_check.py projects 01's minutes for the steps and held-out pairs 01 trains by default."""
+    from bench import gpu_check
+
+    cfg = reward_config().for_preset("imdb", reward_base="encoder", data="reviews")
+    expected = (cfg.epochs * cfg.batches_per_epoch, cfg.val_pairs, cfg.epochs)
+    assert (gpu_check.IMDB_01_STEPS, gpu_check.IMDB_01_VAL_PAIRS, gpu_check.IMDB_01_EPOCHS) == expected
+
+
 def test_config_save_round_trips(tmp_path):
     """config.save writes JSON that rebuilds an equal config."""
     cfg = config.WarpConfig.for_preset("offline", mu=0.05, baseline="mean")
