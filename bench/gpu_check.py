@@ -77,7 +77,7 @@ DISK = {
     "04_mus": [0.01, 0.025, 0.05],
 }
 # The imdb defaults the projections are for (01's RewardConfig, WarpConfig, EvalConfig, 04's MUS).
-IMDB_01_STEPS, IMDB_01_VAL_PAIRS, IMDB_01_EPOCHS = 15 * 1000, 6400, 15
+IMDB_01_STEPS, IMDB_01_VAL_PAIRS, IMDB_01_EPOCHS = 4 * 128, 6400, 4  # its schedule "measured"
 IMDB_02_STEPS = 2 * 2 * 100 * 2  # I x M x T of WARP, and as many REINFORCE steps
 IMDB_03_SEQUENCES = (
     (4 + 11 + 5) * 100 * 4

@@ -100,6 +100,32 @@ def reward_config():
     return notebook_class("01_reward_model", "RewardConfig")
 
 
+def test_01_trains_the_measured_budget_and_keeps_the_seed_schedule_by_name():
+    """01's imdb default trains the budget the curve chose (4 x 128 x 16 = 8,192 pairs); 'seed_report' is
+    the seed's 15 x 1,000 x 16; a field given explicitly wins; the offline preset keeps its own short run
+    unless a schedule is named; a run may switch schedules between sessions."""
+    import runs
+    from checkpoints import to_json
+
+    rc, where = reward_config(), dict(reward_base="encoder", data="reviews")
+    length = lambda c: (c.schedule, c.epochs, c.batches_per_epoch, c.batch_size)  # noqa: E731
+    measured = rc.for_preset("imdb", **where)
+    assert length(measured) == ("measured", 4, 128, 16)
+    bare = rc(**where)  # the dataclass defaults are the measured schedule too
+    assert (bare.epochs, bare.batches_per_epoch) == tuple(rc.SCHEDULES["measured"].values())
+    seed = rc.for_preset("imdb", schedule="seed_report", **where)
+    assert length(seed) == ("seed_report", 15, 1000, 16)  # 240,000 pairs
+    same = ("lr", "max_length", "val_pairs", "lora_r")
+    assert [getattr(seed, k) for k in same] == [getattr(measured, k) for k in same]
+    assert rc.for_preset("imdb", schedule="seed_report", epochs=2, **where).epochs == 2
+    assert length(rc.for_preset("offline", **where)) == ("offline", 5, 4, 8)
+    assert length(rc.for_preset("offline", schedule="measured", **where)) == ("measured", 4, 128, 8)
+    saved = json.loads(to_json(measured.to_dict()))
+    assert runs.config_changes(saved, seed) == []  # a measured run may go on under the seed's schedule
+    with pytest.raises(ValueError, match=r"schedule='fast': one of \('measured', 'seed_report'"):
+        rc.for_preset("imdb", schedule="fast", **where)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
