@@ -15,6 +15,8 @@ The rule (issue #12): the chosen budget is the smallest one past which a doublin
 
     python bench/reward_budget.py                       # LoRA, then last_layer; writes docs/reward_budget.*
     python bench/reward_budget.py --modes lora --max-budget 32768 --minutes 300 --threads 4 --resume
+
+With `--resume`, the outputs also list the curves of other modes already in `--out`, untouched.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from bench.machine import cpu_model  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data" / "imdb_train_4k.jsonl"
 NOTEBOOK = ROOT / "01_reward_model.ipynb"
+MODES = ("lora", "last_layer")  # 01's ways to train the reward model
 
 
 def split_reviews(source: Path, folder: Path, heldout: int, seed: int = 0) -> dict[str, int]:
@@ -154,8 +157,12 @@ def budget_curve(mode: str, args, data: Path, deadline: float) -> tuple[list[dic
             flush=True,
         )
         previous = budget
-    saved = json.loads((work / "ck" / "reward_model_progress" / "config.json").read_text())
-    return rows, chosen_budget(rows, args.tol), saved
+    return rows, chosen_budget(rows, args.tol), saved_config(work)
+
+
+def saved_config(work: Path) -> dict:
+    """The config a mode's notebook saved in its working folder."""
+    return json.loads((work / "ck" / "reward_model_progress" / "config.json").read_text())
 
 
 def _figs(entry: dict) -> dict:
@@ -223,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--data", default=str(SHARED_DATA), help="reviews in IMDb's format (.jsonl)")
     parser.add_argument("--heldout", type=int, default=1000, help="held-out reviews (half positive)")
-    parser.add_argument("--modes", nargs="+", default=["lora", "last_layer"], choices=["lora", "last_layer"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="the modes to train")
     parser.add_argument("--start", type=int, default=64, help="the first budget, in training pairs")
     parser.add_argument("--max-budget", type=int, default=8192, help="the largest budget tried")
     parser.add_argument("--tol", type=float, default=0.005, help="the rule: a doubling gains less than this")
@@ -263,9 +270,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.time()
     rows, chosen, settings = [], {}, {}
-    for i, mode in enumerate(args.modes):
-        deadline = time.time() + 60 * args.minutes[min(i, len(args.minutes) - 1)]
-        mode_rows, chosen[mode], saved = budget_curve(mode, args, out / "data", deadline)
+    # the outputs list every curve in --out: with --resume, those of modes not trained now too
+    for mode in list(args.modes) + [m for m in MODES if m not in args.modes]:
+        if mode in args.modes:
+            i = args.modes.index(mode)
+            deadline = time.time() + 60 * args.minutes[min(i, len(args.minutes) - 1)]
+            mode_rows, chosen[mode], saved = budget_curve(mode, args, out / "data", deadline)
+        elif args.resume and (out / mode / "curve.json").exists():
+            mode_rows = json.loads((out / mode / "curve.json").read_text())
+            chosen[mode], saved = chosen_budget(mode_rows, args.tol), saved_config(out / mode)
+            print(f"{mode}: its curve in {out / mode} (to {mode_rows[-1]['pairs']} pairs), not trained now")
+        else:
+            continue
         rows += mode_rows
         keys = ("lr", "batch_size", "max_length", "lora_r", "weight_decay", "mixed_precision")
         settings[mode] = {k: saved[k] for k in keys}

@@ -1,6 +1,7 @@
 """`bench/reward_budget.py` (01's accuracy-versus-budget curve) as a smoke run: two doublings of 8 training
 pairs on 32 held-out real reviews at 64 tokens, through 01 itself. Checks that the outputs exist and are
-well formed, and that the sessions chained: the second budget's epoch continued the first. Skips when
+well formed, that the sessions chained (the second budget's epoch continued the first) and that a mode
+resumed in the same folder keeps the other's curve in the outputs. Skips when
 `../shared/data` is absent."""
 
 from __future__ import annotations
@@ -45,3 +46,14 @@ def test_budget_curve_smoke(tmp_path):
     test = [json.loads(line) for line in (folder / "test.jsonl").read_text().splitlines()]
     assert len(test) == 32 and sum(r["label"] for r in test) == 16
     assert len((folder / "train.jsonl").read_text().splitlines()) == 3968
+
+    # another mode resumed in the same folder: the outputs list both curves, and the first is untouched
+    args = ["--modes", "last_layer", "--start", "8", "--max-budget", "8", "--batch-size", "4"]
+    args += ["--heldout", "32", "--max-length", "64", "--out", str(tmp_path / "work"), "--docs", str(docs)]
+    both = reward_budget.main(args + ["--resume"])
+    modes = [(r["mode"], r["pairs"]) for r in both["curve"]]
+    assert modes == [("last_layer", 0), ("last_layer", 8), ("lora", 0), ("lora", 8), ("lora", 16)]
+    assert [r for r in both["curve"] if r["mode"] == "lora"] == result["curve"]
+    assert set(both["chosen_pairs"]) == set(both["settings"]) == {"lora", "last_layer"}
+    table = (docs / "reward_budget.md").read_text().splitlines()
+    assert len(table) == 2 + 1 + 2  # header and rule, last_layer's 8 pairs, lora's 8 and 16
