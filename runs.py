@@ -1,6 +1,7 @@
 """Runs: what surrounds Algorithm 1 without being it. An RL run's progress checkpoint and resume,
-output-folder claims (no mixing of settings in one folder), timing records, the models a run loads,
-fault checks (NaN/inf, a constant reward model), mixed precision, and parallel runs across GPUs.
+output-folder claims (no mixing of settings in one folder; a resumed run keeps its length), timing
+records, the models a run loads, fault checks (NaN/inf, a constant reward model), mixed precision, and
+parallel runs across GPUs.
 
 Files and the Hub are `checkpoints.py`; the algorithm is `warp.py`.
 """
@@ -11,7 +12,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -54,6 +55,21 @@ def config_changes(saved: dict, cfg) -> list[str]:
     RESUMABLE_WITH_CHANGES."""
     now = json.loads(to_json(cfg.to_dict()))
     return [k for k in now if k not in cfg.RESUMABLE_WITH_CHANGES and saved.get(k) != now[k]]
+
+
+def continue_as_started(cfg, saved_config: str | Path, fields: tuple[str, ...]):
+    """`cfg` with `fields` as the interrupted run's `saved_config` (its config.json) has them, if it exists:
+    a run resumed in a new session keeps, say, the length it started with even where the defaults have
+    changed since (the caller leaves out the fields its user set)."""
+    path = Path(saved_config)
+    if not path.exists():
+        return cfg
+    saved = json.loads(path.read_text())
+    kept = {k: saved[k] for k in fields if k in saved and saved[k] != getattr(cfg, k)}
+    if not kept:
+        return cfg
+    print(f"the run in {path.parent} keeps its own {kept} (set them in OVERRIDES to change them)")
+    return replace(cfg, **kept)
 
 
 def claim_out_dir(cfg, folder: str | Path | None = None, store=None) -> Path:

@@ -77,7 +77,9 @@ DISK = {
     "04_mus": [0.01, 0.025, 0.05],
 }
 # The imdb defaults the projections are for (01's RewardConfig, WarpConfig, EvalConfig, 04's MUS).
-IMDB_01_STEPS, IMDB_01_VAL_PAIRS, IMDB_01_EPOCHS = 4 * 128, 6400, 4  # its schedule "measured"
+# 01 trains its "measured" schedule, 4 epochs of 128 steps, and scores its 6,400 held-out pairs 4 + 2 times:
+# before training (the untrained head), after each epoch, and once more the model as saved
+IMDB_01_STEPS, IMDB_01_VAL_PAIRS, IMDB_01_VALIDATIONS = 4 * 128, 6400, 4 + 2
 IMDB_02_STEPS = 2 * 2 * 100 * 2  # I x M x T of WARP, and as many REINFORCE steps
 IMDB_03_SEQUENCES = (
     (4 + 11 + 5) * 100 * 4
@@ -199,9 +201,10 @@ def run_stages(out, ck, assets, sizes, stages: dict, disk: PeakDisk, report=lamb
         m = json.loads((ck / folder / "metrics.json").read_text())
         step = (m["train_seconds"] - m["val_seconds"]) / m["steps"]
         val_per_pair = m["val_seconds"] / (m["epochs"] * m["val_pairs"])  # validated after each epoch
-        projected = step * IMDB_01_STEPS + val_per_pair * IMDB_01_VAL_PAIRS * IMDB_01_EPOCHS
+        projected = step * IMDB_01_STEPS + val_per_pair * IMDB_01_VAL_PAIRS * IMDB_01_VALIDATIONS
         stages[f"01 ({m['mixed_precision']})"] = {
             "wall s": wall, "s/step": step, "peak GiB": m["peak_gpu_memory_gib"], "steps": m["steps"],
+            "held-out ms/pair": 1e3 * val_per_pair,
             "projected imdb min": projected / 60, **disk.stage(),
         }  # fmt: skip
         report()
@@ -247,7 +250,8 @@ def run_stages(out, ck, assets, sizes, stages: dict, disk: PeakDisk, report=lamb
 def table(result: dict) -> str:
     """The measurements as a markdown table, with the machine on top."""
     m = result["machine"]
-    cols = ["wall s", "s/step", "tokens/s", "peak GiB", "projected imdb min", "peak disk GB", "disk GB"]
+    cols = ["wall s", "s/step", "held-out ms/pair", "tokens/s", "peak GiB", "projected imdb min"]
+    cols += ["peak disk GB", "disk GB"]
     fmt = lambda v: "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
     lines = [
         f"GPU: {m['gpu']} (x{m['gpus']}), torch {m['torch']}, CUDA {m['cuda']}; "

@@ -101,29 +101,55 @@ def reward_config():
 
 
 def test_01_trains_the_measured_budget_and_keeps_the_seed_schedule_by_name():
-    """01's imdb default trains the budget the curve chose (4 x 128 x 16 = 8,192 pairs); 'seed_report' is
-    the seed's 15 x 1,000 x 16; a field given explicitly wins; the offline preset keeps its own short run
-    unless a schedule is named; a run may switch schedules between sessions."""
+    """01's imdb default trains the budget the curve chose (4 epochs x 2,048 pairs = 8,192); 'seed_report' is
+    the seed's 15 x 16,000; a schedule counts pairs, so a smaller batch trains as many in more batches; a
+    field given explicitly wins; the offline preset keeps its own short run; a bad name fails up front."""
+    rc, where = reward_config(), dict(reward_base="encoder", data="reviews")
+    pairs = lambda c: c.epochs * c.batches_per_epoch * c.batch_size  # noqa: E731
+    measured = rc.for_preset("imdb", **where)
+    assert (measured.epochs, measured.batches_per_epoch, measured.batch_size) == (4, 128, 16)
+    assert pairs(measured) == 8192
+    bare = rc(**where)  # the dataclass defaults are the measured schedule too
+    assert (bare.epochs, bare.batches_per_epoch) == (4, 128)
+    seed = rc.for_preset("imdb", schedule="seed_report", **where)
+    assert (seed.epochs, seed.batches_per_epoch) == (15, 1000) and pairs(seed) == 240_000
+    same = ("lr", "max_length", "val_pairs", "lora_r", "batch_size")
+    assert [getattr(seed, k) for k in same] == [getattr(measured, k) for k in same]
+    assert "schedule" not in measured.to_dict()  # the saved config records the numbers, not the name
+
+    # half the batch, two forward passes per optimizer step: as many pairs, in twice the batches
+    small = rc.for_preset("imdb", batch_size=8, grad_accum=2, **where)
+    assert small.batches_per_epoch == 256 and pairs(small) == 8192
+    # pairs per step that do not divide 2,048: rounded up to whole optimizer steps
+    odd = rc.for_preset("imdb", batch_size=12, grad_accum=2, **where)
+    assert odd.batches_per_epoch == 2 * 86 and 8192 <= pairs(odd) < 8192 + 4 * 24
+
+    assert rc.for_preset("imdb", schedule="seed_report", epochs=2, **where).epochs == 2
+    offline = rc.for_preset("offline", **where)
+    assert (offline.epochs, offline.batches_per_epoch, offline.batch_size) == (5, 4, 8)
+    assert pairs(rc.for_preset("offline", schedule="measured", **where)) == 8192
+    for bad in ("fast", 3):
+        with pytest.raises(ValueError, match=r"RewardConfig\.schedule=.*: one of \('measured', 'seed_rep"):
+            rc.for_preset("imdb", schedule=bad, **where)
+
+
+def test_an_interrupted_run_keeps_the_length_it_started_with(tmp_path):
+    """A run saved under the seed's length resumes with it after the defaults changed (01 leaves out the
+    fields its OVERRIDES set); fields not listed take the new config's values; with nothing saved, or the
+    same values, the config is unchanged. The result resumes the saved run without a config change."""
     import runs
-    from checkpoints import to_json
 
     rc, where = reward_config(), dict(reward_base="encoder", data="reviews")
-    length = lambda c: (c.schedule, c.epochs, c.batches_per_epoch, c.batch_size)  # noqa: E731
-    measured = rc.for_preset("imdb", **where)
-    assert length(measured) == ("measured", 4, 128, 16)
-    bare = rc(**where)  # the dataclass defaults are the measured schedule too
-    assert (bare.epochs, bare.batches_per_epoch) == tuple(rc.SCHEDULES["measured"].values())
-    seed = rc.for_preset("imdb", schedule="seed_report", **where)
-    assert length(seed) == ("seed_report", 15, 1000, 16)  # 240,000 pairs
-    same = ("lr", "max_length", "val_pairs", "lora_r")
-    assert [getattr(seed, k) for k in same] == [getattr(measured, k) for k in same]
-    assert rc.for_preset("imdb", schedule="seed_report", epochs=2, **where).epochs == 2
-    assert length(rc.for_preset("offline", **where)) == ("offline", 5, 4, 8)
-    assert length(rc.for_preset("offline", schedule="measured", **where)) == ("measured", 4, 128, 8)
-    saved = json.loads(to_json(measured.to_dict()))
-    assert runs.config_changes(saved, seed) == []  # a measured run may go on under the seed's schedule
-    with pytest.raises(ValueError, match=r"schedule='fast': one of \('measured', 'seed_report'"):
-        rc.for_preset("imdb", schedule="fast", **where)
+    old = rc.for_preset("imdb", schedule="seed_report", time_budget_minutes=30.0, **where)
+    old.save(tmp_path / "config.json")
+    new = rc.for_preset("imdb", **where)
+    length = ("epochs", "batches_per_epoch")
+    kept = runs.continue_as_started(new, tmp_path / "config.json", length)
+    assert (kept.epochs, kept.batches_per_epoch, kept.time_budget_minutes) == (15, 1000, 0.0)
+    assert (new.epochs, new.batches_per_epoch) == (4, 128)  # a new config, not this one changed
+    assert runs.config_changes(json.loads((tmp_path / "config.json").read_text()), kept) == []
+    assert runs.continue_as_started(new, tmp_path / "missing.json", length) is new
+    assert runs.continue_as_started(old, tmp_path / "config.json", length) is old
 
 
 @pytest.mark.parametrize(
@@ -140,12 +166,13 @@ def test_01_config_checks_types_of_a_notebook_cell(field, value, message):
 
 
 def test_gpu_check_projects_01_at_its_defaults():
-    """bench/gpu_check.py projects 01's minutes for the steps and held-out pairs 01 trains by default."""
+    """bench/gpu_check.py projects 01's minutes for the steps and held-out pairs 01 trains by default: it
+    scores the held-out pairs before training, after each epoch and once more after saving the model."""
     from bench import gpu_check
 
     cfg = reward_config().for_preset("imdb", reward_base="encoder", data="reviews")
-    expected = (cfg.epochs * cfg.batches_per_epoch, cfg.val_pairs, cfg.epochs)
-    assert (gpu_check.IMDB_01_STEPS, gpu_check.IMDB_01_VAL_PAIRS, gpu_check.IMDB_01_EPOCHS) == expected
+    expected = (cfg.epochs * cfg.batches_per_epoch, cfg.val_pairs, 1 + cfg.epochs + 1)
+    assert (gpu_check.IMDB_01_STEPS, gpu_check.IMDB_01_VAL_PAIRS, gpu_check.IMDB_01_VALIDATIONS) == expected
 
 
 def test_config_save_round_trips(tmp_path):
