@@ -57,10 +57,10 @@ def config_changes(saved: dict, cfg) -> list[str]:
     return [k for k in now if k not in cfg.RESUMABLE_WITH_CHANGES and saved.get(k) != now[k]]
 
 
-def continue_as_started(cfg, saved_config: str | Path, fields: tuple[str, ...]):
+def continue_as_started(cfg, saved_config: str | Path, fields: list[str] | tuple[str, ...]):
     """`cfg` with `fields` as the interrupted run's `saved_config` (its config.json) has them, if it exists:
     a run resumed in a new session keeps, say, the length it started with even where the defaults have
-    changed since (the caller leaves out the fields its user set)."""
+    changed since (the caller lists only the fields its user did not set)."""
     path = Path(saved_config)
     if not path.exists():
         return cfg

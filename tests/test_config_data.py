@@ -147,7 +147,11 @@ def test_an_interrupted_run_keeps_the_length_it_started_with(tmp_path):
     kept = runs.continue_as_started(new, tmp_path / "config.json", length)
     assert (kept.epochs, kept.batches_per_epoch, kept.time_budget_minutes) == (15, 1000, 0.0)
     assert (new.epochs, new.batches_per_epoch) == (4, 128)  # a new config, not this one changed
-    assert runs.config_changes(json.loads((tmp_path / "config.json").read_text()), kept) == []
+    # a user who raised epochs only: the run keeps its own batches_per_epoch
+    longer = runs.continue_as_started(
+        rc.for_preset("imdb", epochs=20, **where), tmp_path / "config.json", length[1:]
+    )
+    assert (longer.epochs, longer.batches_per_epoch) == (20, 1000)
     assert runs.continue_as_started(new, tmp_path / "missing.json", length) is new
     assert runs.continue_as_started(old, tmp_path / "config.json", length) is old
 
@@ -157,6 +161,9 @@ def test_an_interrupted_run_keeps_the_length_it_started_with(tmp_path):
     [
         ("epochs", "3", r"epochs='3': must be of type int, not str"),
         ("lr", True, r"lr=True: must be of type float"),
+        # the schedule's arithmetic leaves bad batch sizes to the field checks, which name them
+        ("batch_size", "16", r"batch_size='16': must be of type int, not str"),
+        ("grad_accum", 0, r"grad_accum=0"),
     ],
 )
 def test_01_config_checks_types_of_a_notebook_cell(field, value, message):
