@@ -269,21 +269,19 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     start = time.time()
-    rows, chosen, settings = [], {}, {}
-    # the outputs list every curve in --out: with --resume, those of modes not trained now too
-    for mode in list(args.modes) + [m for m in MODES if m not in args.modes]:
-        if mode in args.modes:
-            i = args.modes.index(mode)
-            deadline = time.time() + 60 * args.minutes[min(i, len(args.minutes) - 1)]
-            mode_rows, chosen[mode], saved = budget_curve(mode, args, out / "data", deadline)
-        elif args.resume and (out / mode / "curve.json").exists():
+    curves = {}  # mode -> (rows, chosen budget, saved config)
+    for i, mode in enumerate(args.modes):
+        deadline = time.time() + 60 * args.minutes[min(i, len(args.minutes) - 1)]
+        curves[mode] = budget_curve(mode, args, out / "data", deadline)
+    for mode in MODES:  # with --resume the outputs list the other modes' curves in --out too, untouched
+        if mode not in curves and args.resume and (out / mode / "curve.json").exists():
             mode_rows = json.loads((out / mode / "curve.json").read_text())
-            chosen[mode], saved = chosen_budget(mode_rows, args.tol), saved_config(out / mode)
+            curves[mode] = (mode_rows, chosen_budget(mode_rows, args.tol), saved_config(out / mode))
             print(f"{mode}: its curve in {out / mode} (to {mode_rows[-1]['pairs']} pairs), not trained now")
-        else:
-            continue
+    rows, chosen, settings = [], {}, {}
+    keys = ("lr", "batch_size", "max_length", "lora_r", "weight_decay", "mixed_precision")
+    for mode, (mode_rows, chosen[mode], saved) in curves.items():
         rows += mode_rows
-        keys = ("lr", "batch_size", "max_length", "lora_r", "weight_decay", "mixed_precision")
         settings[mode] = {k: saved[k] for k in keys}
 
     docs = Path(args.docs)
