@@ -14,6 +14,8 @@ import inspect
 import torch
 from torch import Tensor, nn
 
+from utils import lm_logits
+
 _CACHE_ROUND = 32  # the compiled loop's cache length is rounded up to this: few shapes, few compilations
 _COMPILED: dict[str, object] = {}  # the compiled decode step, one per device type
 
@@ -69,7 +71,8 @@ def sample_completions(
     slots = torch.arange(length, device=prompt_ids.device)  # where each position's keys go in the cache
     cache = _static_cache(policy, n_rows, length, prompt_ids.device.type) if compiled else _dynamic_cache()
     # the KV cache argument is `cache` from transformers 5.x on, `past_key_values` before
-    cache = {"cache" if "cache" in inspect.signature(policy.forward).parameters else "past_key_values": cache}
+    body = inspect.signature(policy.base_model.forward).parameters
+    cache = {"cache" if "cache" in body else "past_key_values": cache}
     step = _compiled_step(prompt_ids.device.type) if compiled else _next_logits
     was_training = policy.training
     policy.eval()  # no dropout while sampling
@@ -106,9 +109,9 @@ def _next_logits(
 ) -> Tensor:
     """(B, V) logits after the last of `ids` (at `position`); their keys and values go to the KV cache
     (`cache`: the model's argument name -> the cache) at `slots`."""
-    out = policy(input_ids=ids, attention_mask=mask, position_ids=position, cache_position=slots,
-                 logits_to_keep=1, use_cache=True, **cache)  # fmt: skip
-    return out.logits[:, -1]
+    logits = lm_logits(policy, 1, input_ids=ids, attention_mask=mask, position_ids=position,
+                       cache_position=slots, use_cache=True, **cache)  # fmt: skip
+    return logits[:, -1]  # float32: the head runs in float32 whatever the autocast, as in the log-prob passes
 
 
 def _dynamic_cache():

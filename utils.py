@@ -23,7 +23,9 @@ _HTML_BREAK = re.compile(r"<br\s*/?>", flags=re.IGNORECASE)
 
 
 def clean_review(text: str) -> str:
-    """IMDb reviews carry HTML line breaks and escaped quotes; turn them into plain text."""
+    """IMDb reviews carry HTML line breaks and escaped quotes; turn them into plain text. The one cleaning
+    of the series: 01 trains on reviews cleaned by it (`load_reviews`) and r(x, y) scores text cleaned by
+    it (`make_reward_fn`)."""
     text = _HTML_BREAK.sub(" ", text).replace('\\"', '"')
     return re.sub(r"\s+", " ", text).strip()
 
@@ -140,10 +142,31 @@ def model_device(model: nn.Module) -> torch.device:
 # --- Log-probs ----------------------------------------------------------------------------------------
 
 
+def lm_logits(model: nn.Module, logits_to_keep: int, **inputs) -> Tensor:
+    """(B, K, V) float32 logits of a causal LM at its last K = `logits_to_keep` positions.
+
+    The transformer body runs as the caller set it up (e.g. under bf16 autocast); its output, the final
+    layer norm's (autocast keeps layer norms in float32, and the residual stream it reads is float32 there
+    too), goes through the LM head in float32 with autocast off. GPT-2's logits sit around -55 to -75,
+    where a bf16 logit is rounded to 0.25-0.5: the log-probs of the loss and the KL would otherwise differ
+    from the law that sampled by up to that much per token. For models whose logits are lm_head(hidden),
+    as GPT-2's (no soft-capping or scaling after the head: refused).
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        raise ValueError(f"{type(model).__name__} transforms its logits after the LM head: not supported")
+    hidden = model.base_model(**inputs)[0][:, -logits_to_keep:]  # (B, K, D), after the final layer norm
+    head = model.get_output_embeddings()
+    bias = None if head.bias is None else head.bias.float()
+    with torch.autocast(hidden.device.type, enabled=False):
+        return nn.functional.linear(hidden.float(), head.weight.float(), bias)
+
+
 def completion_logits(
     model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completions: Tensor, temperature: float
 ) -> Tensor:
-    """(B, L, V) logits / temperature that predicted each completion token, in one forward pass.
+    """(B, L, V) float32 logits / temperature that predicted each completion token, in one forward pass
+    (the LM head in float32 whatever the autocast: `lm_logits`).
 
     Left padding is neutralised with the attention mask and position ids counted from each row's first
     real token, as `generate` does, so a padded row gives the numbers it gives alone.
@@ -153,18 +176,18 @@ def completion_logits(
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     n = completions.shape[1]
     # only the last L+1 positions' logits are needed: the one before the first completion token onward
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=n + 1).logits
-    return logits[:, :-1].float().div_(temperature)  # in place: no second (B, L, V) tensor
+    logits = lm_logits(model, n + 1, input_ids=ids, attention_mask=mask, position_ids=position_ids)
+    return logits[:, :-1].div_(temperature)  # in place: no second (B, L, V) tensor
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """(B, L) log-probability of each token under (B, L, V) logits."""
-    return torch.gather(logits.log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+    """(B, L) log-probability of each token under (B, L, V) logits (the log-softmax in float32)."""
+    return torch.gather(logits.float().log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def token_logprobs_and_entropy(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
     """`token_logprobs` and the (B, L) `entropy` (without gradient) from one log-softmax of the vocabulary."""
-    logp = logits.log_softmax(-1)
+    logp = logits.float().log_softmax(-1)
     with torch.no_grad():
         entropy = -(logp.exp() * logp).sum(-1)
     return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1), entropy
@@ -235,10 +258,13 @@ def score_texts(
 def make_reward_fn(
     reward_model: nn.Module, reward_tokenizer, policy_tokenizer, batch_size: int, max_length: int
 ):
-    """r(x, y): decode prompt + completion with the policy's tokenizer, score with the reward model."""
+    """r(x, y): decode prompt + completion with the policy's tokenizer, clean the text as 01's training
+    reviews were (`clean_review`, via `load_reviews`), and score it with the reward model. GPT-2 fine-tuned
+    on raw IMDb writes `<br /><br />`; the reward model never saw one, so it scores the text without."""
 
     def reward_fn(prompt_ids: Tensor, prompt_mask: Tensor, completions: Tensor, mask: Tensor) -> Tensor:
         texts = decode_texts(policy_tokenizer, prompt_ids, prompt_mask, completions, mask)
+        texts = [clean_review(t) for t in texts]  # what 01 trained on
         return score_texts(reward_model, reward_tokenizer, texts, batch_size, max_length)
 
     return reward_fn

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +236,34 @@ def test_decode_texts_drops_left_padding_the_eos_and_what_follows(bpe_tokenizer)
     assert texts[0] == "A brilliant film hated it"
     assert texts[1] == tok.decode(prompts[1] + [t for t in comp1 if t != eos])
     assert all("<|endoftext|>" not in t for t in texts)
+
+
+REAL_REVIEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb_sample.jsonl"
+
+
+@pytest.mark.skipif(not REAL_REVIEWS.exists(), reason=f"real IMDb reviews not found at {REAL_REVIEWS}")
+def test_the_reward_scores_the_text_01_trained_on_not_the_raw_markup(monkeypatch):
+    """Real IMDb reviews with `<br /><br />`, tokenised by GPT-2's real tokenizer as the policy writes them:
+    r(x, y) hands the reward model exactly what 01 trained on (`load_reviews`' cleaning), no markup."""
+    from bench.imdb_shaped import SHARED, gpt2_tokenizer, missing_shared
+
+    if missing_shared(SHARED):
+        pytest.skip(missing_shared(SHARED))
+    rows = [json.loads(line) for line in REAL_REVIEWS.read_text().splitlines()]
+    raw = [r["text"][:600] for r in rows if "<br />" in r["text"][:600]][:8]
+    assert len(raw) == 8
+    tok = gpt2_tokenizer(SHARED / "gpt2_tokenizer")
+    ids = [tok(t)["input_ids"] for t in raw]
+    prompt_ids, prompt_mask = utils.left_pad([i[:10] for i in ids], tok.eos_token_id)
+    tails = [i[10:] for i in ids]
+    completions = torch.full((len(tails), max(map(len, tails))), tok.eos_token_id)  # right-padded, as sampled
+    mask = torch.zeros_like(completions, dtype=torch.bool)
+    for row, tail in enumerate(tails):
+        completions[row, : len(tail)], mask[row, : len(tail)] = torch.tensor(tail), True
+    scored = []
+    monkeypatch.setattr(
+        utils, "score_texts", lambda model, rtok, texts, *a: scored.extend(texts) or torch.zeros(len(texts))
+    )
+    utils.make_reward_fn(None, None, tok, 8, 512)(prompt_ids, prompt_mask, completions, mask)
+    assert scored == [utils.clean_review(t) for t in raw]
+    assert not any("<br" in t for t in scored)

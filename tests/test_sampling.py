@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -307,3 +308,75 @@ def test_masked_sum_mean_and_entropy():
     assert utils.masked_mean(x, torch.zeros_like(mask)).item() == 0.0  # no NaN on an empty mask
     ent = utils.entropy(torch.stack([torch.zeros(5), torch.tensor([100.0, 0, 0, 0, 0])]))
     assert ent[0].item() == pytest.approx(math.log(5)) and ent[1].item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Mixed precision: the log-probs the loss uses are those of the law that sampled
+# ------------------------------------------------------------------------------------------------------
+
+
+def gpt2_logit_scale(model, offset: float = -64.0):
+    """An untied tiny GPT-2 with every logit shifted by `offset`, as GPT-2's own sit around -55 to -75: one
+    hidden unit is the constant 8 after the final layer norm and every token's output embedding is
+    offset / 8 there. Softmax ignores the shift; bf16 rounds logits of that size to 0.25-0.5."""
+    with torch.no_grad():
+        model.transformer.ln_f.weight[-1] = 0.0
+        model.transformer.ln_f.bias[-1] = 8.0
+        model.lm_head.weight[:, :-1] *= 10  # a peaked next-token law, as a trained LM has
+        model.lm_head.weight[:, -1] = offset / 8.0
+    return model
+
+
+BF16_PROMPTS = [[5, 6, 7, 8, 9], [12, 4], [30, 31, 32], [7, 3, 3, 9, 2]] * 4
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_under_bf16_the_scorer_gives_the_samplers_log_prob_of_each_drawn_token(
+    make_gpt2, monkeypatch, compiled
+):
+    """Under bf16 autocast (the default on Ampere and newer) the sampler's log-prob of each token it drew
+    and the log-prob pass's (the loss, the KL) agree up to the rounding of the bf16 body, whose cached and
+    full passes differ by ~0.002 nats here: the LM head and the log-softmax run in float32 in both. A bf16
+    head rounds GPT-2-sized logits by 0.25-0.5 and the two passes differ by ~0.27 nats here."""
+    model = gpt2_logit_scale(make_gpt2(seed=5, tie=False))
+    seen = []
+    draw = sampling.sample_categorical
+    monkeypatch.setattr(sampling, "sample_categorical", lambda logits: seen.append(logits) or draw(logits))
+    ids, pmask = utils.left_pad(BF16_PROMPTS, pad_id=1)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        completions, mask = sampling.sample_completions(
+            model, ids, pmask, max_new_tokens=12, temperature=0.9, eos_token_id=1, compiled=compiled
+        )
+        scored = utils.token_logprobs(
+            utils.completion_logits(model, ids, pmask, completions, 0.9), completions
+        )
+    sampled = torch.stack([s.log_softmax(-1) for s in seen], 1).gather(2, completions[..., None])[..., 0]
+    assert all(s.dtype == torch.float32 for s in seen) and scored.dtype == torch.float32
+    assert ((sampled - scored) * mask).abs().max().item() < 0.01
+
+
+def test_under_bf16_log_probs_and_the_kl_to_a_near_anchor_keep_their_float32_values(make_gpt2):
+    """At GPT-2's logit scale a bf16 LM head moves log-probs by up to 0.3 nats and turns the KL to an anchor
+    whose logits differ by ~0.01 into noise of the wrong sign; with the head and the log-softmax in
+    float32 only the body's bf16 rounding is left: log-probs within 0.02 of float32's, the KL within 5%."""
+    model = gpt2_logit_scale(make_gpt2(seed=5, tie=False))
+    anchor = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a nearby anchor: logit gaps of about 0.01
+        anchor.lm_head.weight[:, :-1] += 0.002 * torch.randn(anchor.lm_head.weight[:, :-1].shape, generator=g)
+    ids, pmask = utils.left_pad(BF16_PROMPTS * 2, pad_id=1)
+    torch.manual_seed(0)
+    y, mask = sampling.sample_completions(
+        model, ids, pmask, max_new_tokens=12, temperature=0.9, eos_token_id=1
+    )
+
+    def logprobs_and_kl(bf16: bool):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logp = utils.token_logprobs(utils.completion_logits(model, ids, pmask, y, 0.9), y)
+            ref = utils.token_logprobs(utils.completion_logits(anchor, ids, pmask, y, 0.9), y)
+        return logp, utils.kl_k1(logp, ref, mask).mean().item()
+
+    (logp32, kl32), (logp16, kl16) = logprobs_and_kl(False), logprobs_and_kl(True)
+    assert ((logp16 - logp32) * mask).abs().max().item() < 0.02
+    assert kl16 == pytest.approx(kl32, rel=0.05) and kl32 > 0
