@@ -1,6 +1,7 @@
 """Checkpoints: files written atomically and durably, parameter states on the CPU, resumable training
-state (weights, optimizer, RNG, loss scale) with a fallback to the previous checkpoint, and the Hugging
-Face Hub (token, push, pull, download).
+state (weights, optimizer, RNG, loss scale) with a fallback to the previous checkpoint, model cards, and
+finding a checkpoint in a local folder or on the Hugging Face Hub. The store they are kept in between
+sessions is `storage.py`.
 
 01 and 02 resume through the same `save_progress` / `load_progress`. Nothing here knows about WARP.
 """
@@ -186,20 +187,9 @@ def disk_report(root: str | Path) -> str:
     return f"local disk: {used / 1e9:.2f} GB of checkpoints in {root}, {free / 1e9:.1f} GB free"
 
 
-def hf_token() -> str | None:
-    """A Hub token from a Kaggle or Colab secret `HF_TOKEN`, else the HF_TOKEN environment variable."""
-    try:
-        from kaggle_secrets import UserSecretsClient  # only exists on Kaggle
-
-        return UserSecretsClient().get_secret("HF_TOKEN")
-    except Exception:
-        pass
-    try:
-        from google.colab import userdata  # only exists on Colab
-
-        return userdata.get("HF_TOKEN")
-    except Exception:
-        return os.environ.get("HF_TOKEN") or None
+def looks_local(location: str) -> bool:
+    """A folder rather than a Hub repo id ("owner/name"): absolute, relative with ./~, or existing."""
+    return location.startswith((".", "/", "~")) or Path(location).exists() or location.count("/") != 1
 
 
 def resolve_checkpoint(source: str, subfolder: str = "", hint: str = "", token: str | None = None) -> str:
@@ -209,8 +199,7 @@ def resolve_checkpoint(source: str, subfolder: str = "", hint: str = "", token: 
     local = Path(source).expanduser() / subfolder if subfolder else Path(source).expanduser()
     if local.exists():
         return str(local)
-    looks_local = source.startswith((".", "/", "~")) or Path(source).parent.exists() or source.count("/") != 1
-    if looks_local:
+    if looks_local(source) or Path(source).parent.exists():
         raise FileNotFoundError(f"no checkpoint at {local}. {hint}".strip())
     from huggingface_hub import snapshot_download
 
@@ -225,208 +214,6 @@ def resolve_checkpoint(source: str, subfolder: str = "", hint: str = "", token: 
     return str(Path(root) / subfolder) if subfolder else root
 
 
-def _looks_local(location: str) -> bool:
-    """A folder rather than a Hub repo id ("owner/name"): absolute, relative with ./~, or existing."""
-    return location.startswith((".", "/", "~")) or Path(location).exists() or location.count("/") != 1
-
-
-class Store:
-    """Where the series keeps what must outlive a session: a Hub model repo (created private) or a local
-    folder (a mounted Google Drive, a persisted Kaggle folder). Empty = local only.
-
-    It mirrors the local checkpoints tree under `root`: `push(path)` copies a file or folder under `root`
-    to the same relative place in the store, `pull(path)` copies it back when it is missing locally, file
-    by file (never the whole store), so each stage keeps to its own folder and a new session fetches only
-    what its next step needs. Local copies are atomic, like every other write here.
-    """
-
-    def __init__(self, location: str, root: str | Path, token: str | None = None):
-        self.location, self.root, self.token = location, Path(root), token
-        if location and not _looks_local(location) and not token:
-            raise ValueError(
-                f"STORE={location!r} is a Hub repo, and there is no HF_TOKEN to write to it: add one "
-                "(Kaggle: Add-ons -> Secrets; Colab: key icon -> Secrets), or give a folder that outlives "
-                "the session"
-            )
-
-    def __bool__(self) -> bool:
-        return bool(self.location)
-
-    def __repr__(self) -> str:  # never shows the token
-        return f"Store({self.location or 'local only'!r}, root={str(self.root)!r})"
-
-    def _rel(self, path: str | Path) -> str | None:
-        """`path` relative to `root`; None for a path outside it (e.g. a Hub id given as a model)."""
-        try:
-            return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
-        except ValueError:
-            return None
-
-    def _hub_files(self) -> set[str]:
-        """Files in the Hub repo (listed once per store); none when the repo does not exist yet. Any other
-        failure (network, rate limit) raises: resuming as if the store were empty would retrain from
-        scratch and then overwrite the store's newer checkpoints."""
-        if not hasattr(self, "_files"):
-            from huggingface_hub import HfApi
-            from huggingface_hub.errors import RepositoryNotFoundError
-
-            try:
-                self._files = set(HfApi(token=self.token).list_repo_files(self.location))
-            except RepositoryNotFoundError:
-                self._files = set()
-        return self._files
-
-    def push(self, *paths: str | Path) -> bool:
-        """Copy files or folders (under `root`) into the store; nothing without a store. A failed push
-        warns and leaves training going: the local copy is intact and the next push carries it. True when
-        there is a store and every path that exists reached it."""
-        if not self:
-            return False
-        import warnings
-
-        stored = True
-        for path in map(Path, paths):
-            rel = self._rel(path)
-            if rel is None:
-                warnings.warn(f"{path} is outside {self.root}: not pushed to the store", stacklevel=2)
-                stored = False
-                continue
-            if not path.exists():
-                continue
-            try:
-                self._push(path, rel)
-            except Exception as e:
-                stored = False
-                warnings.warn(
-                    f"could not push {path} to {self.location} ({type(e).__name__}: {e})", stacklevel=2
-                )
-        return stored
-
-    def holds(self, path: str | Path) -> bool:
-        """True when the store has `path` (a local path under `root`): a file, or a folder with files."""
-        rel = self._rel(path)
-        if not self or rel is None:
-            return False
-        if not _looks_local(self.location):
-            return any(f == rel or f.startswith(rel + "/") for f in self._hub_files())
-        return (Path(self.location).expanduser() / rel).exists()
-
-    def release(self, *paths: str | Path) -> None:
-        """Free local disk: delete the local copy of each path the store holds (GPT-2 states are 0.5 GB
-        each); a later `pull` brings it back. Without a store nothing is deleted: the local copy is the
-        only one."""
-        for path in map(Path, paths):
-            if path.exists() and self.holds(path):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-    def squash(self) -> None:
-        """On the Hub, squash the repo's history into one commit, so that it does not keep every progress
-        checkpoint pushed along the way (GBs); a folder store keeps no history. A failure only warns."""
-        if not self or _looks_local(self.location):
-            return
-        from huggingface_hub import HfApi
-
-        try:
-            HfApi(token=self.token).super_squash_history(self.location)
-        except Exception as e:
-            import warnings
-
-            warnings.warn(
-                f"could not squash the history of {self.location} ({type(e).__name__}: {e})", stacklevel=2
-            )
-
-    def _push(self, path: Path, rel: str) -> None:
-        if not _looks_local(self.location):
-            from huggingface_hub import HfApi
-
-            api = HfApi(token=self.token)
-            api.create_repo(self.location, exist_ok=True, private=True)
-            if path.is_dir():
-                api.upload_folder(folder_path=str(path), repo_id=self.location, path_in_repo=rel)
-            else:
-                api.upload_file(path_or_fileobj=str(path), path_in_repo=rel, repo_id=self.location)
-            if hasattr(self, "_files"):
-                del self._files  # listed again at the next pull
-        elif path.is_dir():
-            with atomic_dir(Path(self.location).expanduser() / rel) as tmp:
-                shutil.copytree(path, tmp, dirs_exist_ok=True)
-        else:
-            with _atomic_file(Path(self.location).expanduser() / rel, "wb") as f, open(path, "rb") as src:
-                shutil.copyfileobj(src, f)
-
-    def pull(self, *paths: str | Path) -> None:
-        """Copy files or folders (local paths under `root`) from the store where they are missing locally;
-        what the store does not hold is skipped. A missing folder appears whole or not at all; into a
-        folder that exists, the store's entries it lacks are pulled the same way (e.g. the REINFORCE
-        snapshots that were released to free disk)."""
-        if not self:
-            return
-        for local in map(Path, paths):
-            rel = self._rel(local)
-            if rel is None:
-                continue
-            if local.is_dir():
-                self.pull(*(local / name for name in self._children(rel)))
-                continue
-            if local.exists():
-                continue
-            if not _looks_local(self.location):
-                files = sorted(f for f in self._hub_files() if f == rel or f.startswith(rel + "/"))
-                if files:
-                    self._pull_hub(files, rel, local)
-                continue
-            src = Path(self.location).expanduser() / rel
-            if src.is_dir():
-                with atomic_dir(local) as tmp:
-                    shutil.copytree(src, tmp, dirs_exist_ok=True)
-            elif src.is_file():
-                with _atomic_file(local, "wb") as f, open(src, "rb") as s:
-                    shutil.copyfileobj(s, f)
-
-    def _children(self, rel: str) -> set[str]:
-        """Names directly inside the store's folder `rel` (none when it is not a folder there), without the
-        hidden ones (an interrupted copy's temporary folder)."""
-        if not _looks_local(self.location):
-            names = {f[len(rel) + 1 :].split("/")[0] for f in self._hub_files() if f.startswith(rel + "/")}
-        else:
-            folder = Path(self.location).expanduser() / rel
-            names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-        return {n for n in names if not n.startswith(".")}
-
-    def _pull_hub(self, files: list[str], rel: str, local: Path) -> None:
-        """Download `files` (all under `rel`) into a temporary folder, then move them into place at once."""
-        from huggingface_hub import hf_hub_download
-
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=f".{local.name}."))
-        try:
-            for f in files:  # each with its own progress bar
-                hf_hub_download(self.location, f, local_dir=str(tmp), token=self.token)
-            os.replace(tmp / rel, local)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def delete(self, *paths: str | Path) -> None:
-        """Remove files or folders (local paths under `root`) from the store, e.g. a run's progress once its
-        result is stored; what the store does not hold is skipped."""
-        if not self:
-            return
-        for path in map(Path, paths):
-            rel = self._rel(path)
-            if rel is None:
-                continue
-            if not _looks_local(self.location):
-                from huggingface_hub import HfApi
-
-                files = [f for f in self._hub_files() if f == rel or f.startswith(rel + "/")]
-                if files:
-                    HfApi(token=self.token).delete_files(self.location, delete_patterns=files)
-                    del self._files
-            else:
-                target = Path(self.location).expanduser() / rel
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-
-
 def write_model_card(folder: str | Path, title: str, about: str, base_model: str, data: str, settings: dict,
                      metrics: dict) -> None:  # fmt: skip
     """A `README.md` model card (huggingface_hub's `ModelCard`) in a checkpoint folder: what the model is,
@@ -434,7 +221,7 @@ def write_model_card(folder: str | Path, title: str, about: str, base_model: str
     but kept out of the card's metadata, which takes Hub ids only."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    hub = lambda s: s if s and not _looks_local(s) else None
+    hub = lambda s: s if s and not looks_local(s) else None
     meta = ModelCardData(
         base_model=hub(base_model), datasets=[hub(data)] if hub(data) else None, library_name="transformers",
         tags=["warp", "rlhf", "imdb", "sentiment"],

@@ -259,7 +259,10 @@ class WarpConfig(ConfigBase):
     baseline_checkpoints: int = 5
     """REINFORCE checkpoints kept along its training (points on 03's Pareto plot)."""
     save_every: int = 10
-    """Steps between resumable progress checkpoints of a run."""
+    """Steps between resumable progress checkpoints of a run (on the local disk)."""
+    store_progress_minutes: float = 60.0
+    """A run's progress checkpoint (about 2 GB for GPT-2) goes to the store only once the run has gone this
+    long without a stored state, replacing the one before: a T = 100 GPU run stores none. 0 = every one."""
     parallel: bool = True
     """Run the M runs of an iteration at once, one per GPU, when there are at least 2 GPUs."""
     cpu_threads: int = 0
@@ -268,8 +271,8 @@ class WarpConfig(ConfigBase):
     # Where to push, how to split the work, how often to save: any other change between the sessions
     # of one out_dir would mix results of different settings in one folder.
     RESUMABLE_WITH_CHANGES = (
-        "out_dir", "parallel", "save_every", "cpu_threads", "reward_batch_size", "compile_generation",
-        "train_reinforce_baseline", "baseline_checkpoints",
+        "out_dir", "parallel", "save_every", "store_progress_minutes", "cpu_threads", "reward_batch_size",
+        "compile_generation", "train_reinforce_baseline", "baseline_checkpoints",
     )  # fmt: skip
     PRESET_DEFAULTS = {
         "imdb": {},
@@ -315,6 +318,7 @@ class WarpConfig(ConfigBase):
         )
         self._require(self.baseline_checkpoints >= 1, "baseline_checkpoints", "must be >= 1")
         self._require(self.save_every >= 1, "save_every", "must be >= 1")
+        self._require(self.store_progress_minutes >= 0, "store_progress_minutes", "must be >= 0")
         self._require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0")
 
 

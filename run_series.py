@@ -1,8 +1,13 @@
 """Run the notebook series top to bottom with papermill; executed copies go to `runs/` (git-ignored).
 
-python run_series.py --preset offline            # the whole series on 2 CPU cores
-python run_series.py --preset imdb --only 02 03  # some stages, real preset
-python run_series.py --preset offline --figures docs/offline  # also collect the plots and tables for README
+python run_series.py --preset offline                          # the whole series on 2 CPU cores
+python run_series.py --preset imdb --store me/warp-imdb        # the real series in one session
+python run_series.py --preset imdb --store me/warp-imdb --only 02 03   # some stages
+python run_series.py --preset offline --figures docs/offline   # also collect the plots and tables for README
+
+Each notebook gets PRESET, CHECKPOINTS (the absolute --checkpoints) and STORE (--store) as parameters;
+their other parameters keep their defaults. The imdb preset needs --store (a Hub repo owner/name, with an
+HF_TOKEN, or an absolute folder): a GPU session's disk is gone when it ends.
 """
 
 from __future__ import annotations
@@ -42,7 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs", help="where executed notebooks are written")
     parser.add_argument("--only", nargs="*", default=None, help="notebook numbers to run, e.g. 01 02")
     parser.add_argument("--figures", default=None, help="copy the plots and tables README shows here")
+    parser.add_argument(
+        "--store", default="", help="STORE of every notebook: Hub repo owner/name or a folder"
+    )
     args = parser.parse_args(argv)
+    if args.preset == "imdb" and not args.store:
+        parser.error(
+            "--preset imdb needs --store (a Hub repo owner/name with an HF_TOKEN, or an absolute folder)"
+        )
+    if args.store:  # checked here, before the first notebook starts
+        import config
+        import storage
+
+        args.store = storage.resolve_store(args.store, storage.hf_token(), config.platform())[0]
 
     import papermill
 
@@ -58,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         papermill.execute_notebook(
             str(root / f"{name}.ipynb"),
             str(Path(args.out) / f"{name}.ipynb"),
-            parameters={"PRESET": args.preset, "CHECKPOINTS": str(Path(args.checkpoints).resolve())},
+            parameters={
+                "PRESET": args.preset,
+                "CHECKPOINTS": str(Path(args.checkpoints).resolve()),
+                "STORE": args.store,
+            },  # fmt: skip
             cwd=str(root),
             kernel_name="python3",
             progress_bar=False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,16 +19,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import checkpoints
 import utils
 from checkpoints import atomic_write_text, load_progress, save_progress, to_json
 
 
-def save_run(path, accelerator, policy, anchor, optimizer, scheduler, step: int, history: list) -> None:
-    """Progress checkpoint of an RL run: enough state for `resume_run` to continue it bit for bit."""
+def save_run(path, accelerator, policy, anchor, optimizer, scheduler, step: int, history: list,
+             mixed_precision: str) -> None:  # fmt: skip
+    """Progress checkpoint of an RL run: enough state for `resume_run` to continue it bit for bit, and the
+    mixed precision it trains in (a resume must not change it: `check_precision`)."""
     policy = utils.state_of(accelerator.unwrap_model(policy))
     save_progress(
         path, accelerator, policy=policy, anchor=utils.state_of(anchor), optimizer=optimizer.state_dict(),
-        scheduler=scheduler.state_dict(), step=step, history=history,
+        scheduler=scheduler.state_dict(), step=step, history=history, mixed_precision=mixed_precision,
     )  # fmt: skip
 
 
@@ -43,6 +47,102 @@ def resume_run(path, accelerator, policy, anchor, optimizer, scheduler, seed: in
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state["step"], state["history"]
+
+
+def check_precision(progress: Path, mixed_precision: str) -> None:
+    """Refuse, before any model loads, to resume a run in another mixed precision than it was trained in
+    (a bf16 run resumed on a T4 would go on in fp16 with a fresh loss scaler): 'auto' is resolved on each
+    machine, so the run records what it resolved to."""
+    recorded = None
+    for candidate in (progress, checkpoints.previous(progress)):
+        if candidate.exists():
+            try:  # memory-mapped: reads the small entries, not the GBs of tensors
+                recorded = torch.load(candidate, map_location="cpu", weights_only=True, mmap=True).get(
+                    "mixed_precision"
+                )
+            except Exception:  # damaged: load_progress says so, with its fallback, when it resumes
+                continue
+            break
+    if recorded is not None and recorded != mixed_precision:
+        raise ValueError(
+            f"{progress.parent} was trained in mixed precision {recorded!r} and would resume in "
+            f"{mixed_precision!r} on this machine; continue it where {recorded!r} runs (set "
+            f"mixed_precision={recorded!r} if this GPU supports it), or delete {progress} to restart the run"
+        )
+
+
+class RunFiles:
+    """The files of one RL run, here and in the store: whether it is finished, what it resumes from,
+    what it saves after a step, and what it leaves when it ends (`warp.train_run` calls these).
+
+    A run saves a progress checkpoint every `save_every` steps on the local disk; the store gets one only
+    when the run has gone `store.progress_minutes` without a stored state (`Store.push_progress`), and
+    gets the final state and metrics in one commit at the end, when the progress is deleted everywhere.
+    """
+
+    def __init__(self, spec: RunSpec, store, save_every: int):
+        self.spec, self.store, self.save_every = spec, store, save_every
+        self.dir = Path(spec.run_dir)
+        self.progress, self.done = self.dir / "progress.pt", self.dir / "metrics.json"
+        self.last_is_snapshot = spec.steps in spec.save_points  # it holds the final weights: no second copy
+        self.final = self.dir / (f"step{spec.steps:05d}" if self.last_is_snapshot else "final.safetensors")
+        self.since = time.time()  # when this run's last stored state was made (its start in this session)
+        self.progress_stored = False  # whether the store holds the latest progress checkpoint
+
+    def finished(self) -> bool:
+        """True when the run's final weights and metrics are here (pulled from the store if need be)."""
+        self.store.pull(self.done, self.final)
+        return self.done.exists() and self.final.exists()
+
+    def check_resume(self, mixed_precision: str) -> None:
+        """Pull an interrupted run's progress from the store if this session lacks it, and refuse it in
+        another precision (`check_precision`); before any model loads."""
+        self.store.pull(self.progress, checkpoints.previous(self.progress))
+        check_precision(self.progress, mixed_precision)
+
+    def save(self, step: int, accelerator, policy, anchor, optimizer, scheduler, history: list, tokenizer,
+             mixed_precision: str) -> None:  # fmt: skip
+        """After step `step` (an applied update): a `save_pretrained` snapshot at the run's save points
+        (stored), and every `save_every` steps a progress checkpoint (stored by the time rule)."""
+        if step in self.spec.save_points:
+            snapshot = self.dir / f"step{step:05d}"
+            unwrapped = accelerator.unwrap_model(policy)
+            checkpoints.save_pretrained_atomic(unwrapped, tokenizer, snapshot, extra={"step": step})
+            self.store.push(snapshot)
+        if step % self.save_every or step >= self.spec.steps:
+            return
+        if self.progress_stored:  # the store has the last one: free its 4 model states' worth of disk first
+            self.progress.unlink(missing_ok=True)
+        save_run(self.progress, accelerator, policy, anchor, optimizer, scheduler, step, history,
+                 mixed_precision)  # fmt: skip
+        self.progress_stored = self.store.push_progress(self.progress, self.since)
+        if self.progress_stored:  # the store has the latest: the local fallback copy is not needed
+            self.since = time.time()
+            checkpoints.previous(self.progress).unlink(missing_ok=True)
+
+    def finish(self, state: dict | None, history: list) -> Path:
+        """Write the final weights `state` (None when the last snapshot holds them) and the metrics, which
+        mark the run finished, push both in one commit, and delete the progress here and in the store."""
+        if state is not None:
+            checkpoints.save_state(state, self.final)
+        atomic_write_text(self.done, to_json(history, indent=None))
+        # one commit: the final state (unless it is the last snapshot, stored already), the metrics, and
+        # the deletion of a stored progress checkpoint (this session's or an earlier one's)
+        final = [] if self.last_is_snapshot else [self.final]
+        self.store.push(*final, self.done, delete=[self.progress])
+        self.progress.unlink(missing_ok=True)
+        checkpoints.previous(self.progress).unlink(missing_ok=True)
+        return self.final
+
+
+def check_skips(skipped_in_a_row: int, step: int, limit: int = 25) -> None:
+    """Stop a run whose fp16 loss scaler skipped `limit` optimizer steps in a row (the scale fell from 2^16
+    to below 2^-8): its gradients are not finite at any scale, which no rerun fixes."""
+    if skipped_in_a_row >= limit:
+        raise FloatingPointError(
+            f"step {step + 1}: the fp16 loss scaler skipped {skipped_in_a_row} optimizer steps in a row "
+            "(inf/NaN gradients at every scale); lower lr, or use mixed_precision='bf16' or 'no'"
+        )
 
 
 # ======================================================================================================
@@ -90,8 +190,9 @@ def claim_out_dir(cfg, folder: str | Path | None = None, store=None) -> Path:
                 f"{folder} holds results trained with other settings ({diff}); "
                 "choose another out_dir (or CHECKPOINTS), or delete the folder to start over"
             )
+    before = path.read_text() if path.exists() else None
     cfg.save(path)
-    if store is not None:
+    if store is not None and (path.read_text() != before or not store.holds(path)):  # else no commit
         store.push(path)
     return path
 
@@ -128,6 +229,41 @@ def record_minutes(out_dir: str | Path, key: str, start: float) -> None:
     timing = stage_minutes(out_dir)
     timing[key] = timing.get(key, 0.0) + (time.time() - start) / 60
     atomic_write_text(Path(out_dir) / "timing.json", to_json(timing))
+
+
+class Stage:
+    """The files of one stage (02's WARP or its REINFORCE baseline, one mu of 04) here and in the store: it
+    claims its folder (`claim_out_dir`), pulls what a step needs, keeps what a step made (one commit) and
+    then discards what no later step needs, and at its end records its minutes and squashes the store."""
+
+    def __init__(self, cfg, name: str, store, folder: str | Path | None = None):
+        self.name, self.store, self.start = name, store, time.time()
+        self.out = Path(cfg.out_dir)
+        store.pull(self.out / "timing.json")  # what an earlier session recorded
+        claim_out_dir(cfg, folder, store=store)  # refuses results of other settings before any compute
+
+    def pull(self, *paths) -> None:
+        self.store.pull(*[p for p in paths if p])
+
+    def holds(self, path: Path) -> bool:
+        """True when `path` is here or in the store (without fetching it)."""
+        return path.exists() or self.store.holds(path)
+
+    def keep(self, *paths, then_discard=()) -> bool:
+        """Push `paths` and delete `then_discard` (what only the step that made them needed) from the store,
+        in one commit; once the store confirms it, delete `then_discard` from the local disk too. Without
+        a store nothing is deleted: the local copies are the only ones."""
+        then_discard = [Path(p) for p in then_discard if p]
+        stored = self.store.push(*paths, delete=then_discard)
+        for path in then_discard if stored else []:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return stored
+
+    def end(self) -> None:
+        """Add this session's minutes to `timing.json`, store it, and squash the store's history."""
+        record_minutes(self.out, self.name, self.start)
+        self.store.push(self.out / "timing.json")
+        self.store.squash()
 
 
 def check_reward_model(reward_model: nn.Module, tokenizer, texts: list[str], source: str) -> None:
@@ -236,13 +372,16 @@ def _worker(fn, args: tuple, gpu: str | None, errors) -> None:
         raise SystemExit(1) from None
 
 
-def run_parallel(fn, jobs: list[tuple], processes: int = 1) -> None:
+def run_parallel(fn, jobs: list[tuple], processes: int = 1, on_done=None) -> None:
     """Call `fn(*job)` for each job: one after another, or `processes` at a time in spawned processes,
-    one per GPU when there are GPUs (`fn` takes a `device` keyword: "cpu", or None for the GPU it sees).
-    A failed job raises RuntimeError with the child's traceback, after the other jobs have finished."""
+    one per GPU when there are GPUs (`fn` takes a `device` keyword: "cpu", or None for the GPU it sees);
+    `on_done(job)` follows each finished job. A failed job raises RuntimeError with the child's traceback,
+    after the other jobs have finished."""
+    on_done = on_done or (lambda job: None)
     if processes <= 1 or len(jobs) <= 1:
         for job in jobs:
             fn(*job)
+            on_done(job)
         return
     import torch.multiprocessing as mp
 
@@ -259,6 +398,9 @@ def run_parallel(fn, jobs: list[tuple], processes: int = 1) -> None:
         for p in procs:
             p.join()
         failed = [j for j, p in enumerate(procs, start=start) if p.exitcode != 0]
+        for j, p in enumerate(procs, start=start):
+            if p.exitcode == 0:
+                on_done(jobs[j])
         if failed:
             tracebacks = []
             while not errors.empty():

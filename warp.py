@@ -2,8 +2,8 @@
 
 Each line of Algorithm 1 (printed at the top of 02) is cited where it is implemented: `policy_loss` is
 lines 5-8 on one micro-batch, `train_run` the inner run (lines 3-9), `warp` the whole loop (lines 1-12).
-The tensor maths (sampling, log-probs, SLERP, ...) is in `utils.py`; saving and resuming in `runs.py`
-and `checkpoints.py`.
+The tensor maths (sampling, log-probs, SLERP, ...) is in `utils.py`; saving, resuming and the store in
+`runs.py`, `checkpoints.py` and `storage.py`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import Tensor
 import checkpoints
 import runs
 import sampling
+import storage
 import utils
 from config import WarpConfig
 
@@ -115,32 +116,26 @@ def train_run(
 ) -> Path:
     """Alg. 1, lines 3-9: T steps of REINFORCE against an EMA anchor, from theta_init.
 
-    Resumes from `run_dir/progress.pt` (here or in the `store`) and ends with the same weights as an
-    uninterrupted run (bitwise on the CPU); pushes each progress checkpoint and the result to the store.
-    `on_step(step, metrics)` is called after each step (progress, tests). Returns where the final weights
-    are: `final.safetensors`, or the last snapshot's folder when the last step is a save point (the
-    REINFORCE baseline: one copy, not two). `metrics.json`, written last, marks a finished run.
+    Resumes from `run_dir/progress.pt` (here or in the `store`) with the weights of an uninterrupted run
+    (bitwise on the CPU); `runs.RunFiles` saves and stores. A step is an applied Adam update: one that fp16's
+    loss scaler skips (inf gradients) moves neither policy nor anchor and is not counted (the metrics count
+    it), so a run is T updates and T anchor moves in every precision. `on_step(step, metrics)` follows each
+    step. Returns `final.safetensors`, or the last snapshot when the last step is a save point.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    run_dir = Path(spec.run_dir)
-    progress, done = run_dir / "progress.pt", run_dir / "metrics.json"
-    final = run_dir / (f"step{spec.steps:05d}" if spec.steps in spec.save_points else "final.safetensors")
-    store = store or checkpoints.Store("", run_dir)  # no store: local only
-    store.pull(done, final)
-    if done.exists() and final.exists():
-        return final
-    store.pull(progress, checkpoints.previous(progress))  # a session that died mid-run
+    files = runs.RunFiles(spec, store or storage.Store("", spec.run_dir), cfg.save_every)
+    if files.finished():
+        return files.final
+    precision = runs.mixed_precision_for(cfg.mixed_precision)
+    files.check_resume(precision)  # refuses, before any model loads, to resume in another precision
     rows_per_prompt = cfg.batch_size // prompts_per_batch(cfg)
     batches = prompt_batches(len(prompts), prompts_per_batch(cfg), spec.seed)  # checks sizes
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
-    accelerator = Accelerator(
-        mixed_precision=runs.mixed_precision_for(cfg.mixed_precision),
-        gradient_accumulation_steps=cfg.grad_accum,
-        cpu=device == "cpu",
-    )
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=device == "cpu")  # fmt: skip
     policy, anchor, tokenizer, reward_fn = runs.load_rl_models(cfg, accelerator.device)
 
     # Alg. 1, line 3: theta_m <- theta_init; theta_ema_m <- theta_init (both are loaded as the SFT)
@@ -160,12 +155,14 @@ def train_run(
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
 
     # resume where an interrupted run stopped (weights, anchor, optimizer, RNG), else seed the run
-    step, history = runs.resume_run(progress, accelerator, policy, anchor, optimizer, scheduler, spec.seed)
-
-    for _ in range(step * cfg.grad_accum):  # skip the prompt batches already used
+    step, history = runs.resume_run(
+        files.progress, accelerator, policy, anchor, optimizer, scheduler, spec.seed
+    )
+    skipped = history[-1].get("optimizer/skipped_steps", 0) if history else 0
+    for _ in range((step + skipped) * cfg.grad_accum):  # skip the prompt batches already used
         next(batches)
-    bar = tqdm(total=spec.steps, initial=step, desc=run_dir.name, leave=False)
-    stored = False  # whether the store holds the last progress checkpoint
+    bar = tqdm(total=spec.steps, initial=step, desc=Path(spec.run_dir).name, leave=False)
+    in_a_row = 0  # steps skipped since the last applied one
     while step < spec.steps:
         # Alg. 1, lines 5-8: one Adam step over grad_accum micro-batches
         stats, step_start = [], time.perf_counter()
@@ -178,94 +175,76 @@ def train_run(
                 loss, s, _ = policy_loss(
                     policy, anchor, reward_fn, prompt_ids, prompt_mask, cfg, tokenizer.eos_token_id
                 )
-                runs.check_finite(s, step + 1, progress)  # a NaN stops the run before it reaches the weights
+                runs.check_finite(s, step + 1, files.progress)  # a NaN stops the run before the weights
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
             stats.append(s)
+        if accelerator.optimizer_step_was_skipped:  # fp16: inf gradients, no update (nor lr step) applied
+            skipped, in_a_row = skipped + 1, in_a_row + 1
+            runs.check_skips(in_a_row, step)
+            continue
+        in_a_row = 0
         # Alg. 1, line 9: EMA anchor, theta_ema <- (1 - mu) * theta_ema + mu * theta
         utils.ema_update(anchor, accelerator.unwrap_model(policy), cfg.mu)
         step += 1
         metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
         metrics.update(step=step, lr=scheduler.get_last_lr()[0], **runs.speed(step_start))
+        metrics["optimizer/skipped_steps"] = skipped  # so far in this run
         history.append(metrics)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
-
-        # checkpoint: enough state to continue bit for bit
-        unwrapped = accelerator.unwrap_model(policy)
-        if step in spec.save_points:
-            snapshot = run_dir / f"step{step:05d}"
-            checkpoints.save_pretrained_atomic(unwrapped, tokenizer, snapshot, extra={"step": step})
-            store.push(snapshot)
-        if step % cfg.save_every == 0 and step < spec.steps:
-            if stored:  # the store has the last one: free its 4 model states' worth of disk first
-                progress.unlink(missing_ok=True)
-            runs.save_run(progress, accelerator, policy, anchor, optimizer, scheduler, step, history)
-            stored = store.push(progress)
-            if stored:  # the store has the latest: the local fallback copy is not needed
-                checkpoints.previous(progress).unlink(missing_ok=True)
+        # checkpoint: a snapshot at save points, progress to continue bit for bit every save_every steps
+        files.save(step, accelerator, policy, anchor, optimizer, scheduler, history, tokenizer, precision)
         if on_step is not None:
             on_step(step, metrics)
     bar.close()
-    if not final.exists():  # else the last snapshot holds the final weights
-        checkpoints.save_state(utils.state_of(accelerator.unwrap_model(policy)), final)
-    checkpoints.atomic_write_text(done, checkpoints.to_json(history, indent=None))
-    store.push(final, done)
-    store.delete(progress)  # the result is stored: its progress checkpoint is no longer needed there
-    progress.unlink(missing_ok=True)
-    checkpoints.previous(progress).unlink(missing_ok=True)
+    state = None if files.final.exists() else utils.state_of(accelerator.unwrap_model(policy))
+    final = files.finish(state, history)
     accelerator.free_memory()
     return final
-
-
-def train_runs(
-    cfg: WarpConfig, specs: list[runs.RunSpec], prompts: list[list[int]], processes: int = 1, store=None
-) -> None:
-    """The unfinished runs of `specs`, one after another or `processes` at a time (one per GPU)."""
-    todo = [s for s in specs if not runs.run_finished(s.run_dir)]
-    runs.run_parallel(train_run, [(cfg, s, prompts, store) for s in todo], processes)
 
 
 def warp(
     cfg: WarpConfig, prompts: list[list[int]], processes: int = 1, on_event=None, store=None
 ) -> dict[str, Path]:
-    """Algorithm 1 of the WARP paper, every step saved (and pushed to the `store`, a
-    `checkpoints.Store`) so that a restart, here or in a new session, continues where it stopped.
+    """Algorithm 1 of the WARP paper, every step saved (and kept in the `store`, a `storage.Store`) so that
+    a restart, here or in a new session, continues where it stopped.
 
     Returns the folders of theta_slerp_I (the last merge) and of the final LITI policy, both
-    `save_pretrained`-loadable. `on_event(name, info)` reports finished runs and merges.
+    `save_pretrained`-loadable. `on_event(name, info)` reports each finished "run", "merge", and each
+    iteration found "done" (info["units"]: its runs and merge), e.g. for an overall progress bar.
     """
-    start, out = time.time(), Path(cfg.out_dir)
-    store = store or checkpoints.Store("", out)
+    out, store = Path(cfg.out_dir), store or storage.Store("", cfg.out_dir)
     prompt_batches(len(prompts), prompts_per_batch(cfg), cfg.seed)  # fails now if not one batch fits
-    store.pull(out / "timing.json")  # what an earlier session recorded
-    runs.claim_out_dir(cfg, store=store)
+    stage = runs.Stage(cfg, "warp", store)
     paths = {"slerp": out / "final_slerp", "liti": out / "final_liti"}
-    store.pull(*paths.values())
+    stage.pull(*paths.values())
     finished = all((p / "config.json").exists() for p in paths.values())
     sft, tokenizer = utils.load_policy(cfg.sft)  # Alg. 1, line 1: theta_init <- theta_sft (not copied)
     for i in range(cfg.iterations):  # Alg. 1, line 2
         it, next_init = out / f"iter{i}", out / f"iter{i + 1}" / "init.safetensors"
-        store.pull(
-            it / "merge.json", *(it / f"run{m}" / "metrics.json" for m in range(cfg.runs))
-        )  # for plots
-        if finished or next_init.exists() or store.holds(next_init):
-            continue  # this iteration is done (in this session or an earlier one)
+        stage.pull(it / "merge.json", *(it / f"run{m}" / "metrics.json" for m in range(cfg.runs)))  # plots
+        if finished or stage.holds(next_init):  # this iteration is done (in this session or an earlier one)
+            if on_event is not None:
+                on_event("done", {"iteration": i, "units": cfg.runs + 1})
+            continue
         init_path = it / "init.safetensors" if i else None  # iteration 0 starts from the SFT itself
-        store.pull(*filter(None, [init_path]))
+        stage.pull(init_path)
         # Alg. 1, lines 3-9: M independent runs that differ only in their seed (prompt order, samples)
         specs = [
             runs.RunSpec(str(it / f"run{m}"), str(init_path or ""), cfg.seed + 1000 * i + m, cfg.steps)
             for m in range(cfg.runs)
         ]
-        train_runs(cfg, specs, prompts, processes, store)
-        if on_event is not None:
-            on_event("runs", {"iteration": i, "run_dirs": [s.run_dir for s in specs]})
+        todo = [s for s in specs if not runs.run_finished(s.run_dir)]  # one after another, or one per GPU
+        report = (lambda job: on_event("run", {"run_dir": job[1].run_dir})) if on_event else None
+        for done in [s for s in specs if s not in todo] if report else []:
+            report((cfg, done))  # finished in an earlier session
+        runs.run_parallel(train_run, [(cfg, s, prompts, store) for s in todo], processes, on_done=report)
         # Alg. 1, line 10: theta_slerp <- slerp(theta_init, {theta_m}, lambda = 1/M)
         finals = [Path(s.run_dir) / "final.safetensors" for s in specs]
-        store.pull(*finals)
+        stage.pull(*finals)
         init = checkpoints.load_state_file(init_path) if init_path else utils.state_of(sft)
         policies = [checkpoints.load_state_file(f) for f in finals]
         merged = utils.slerp(init, policies)
@@ -276,57 +255,46 @@ def warp(
         checkpoints.atomic_write_text(it / "merge.json", checkpoints.to_json(info))
         # Alg. 1, line 11: theta_init <- (1 - eta) * theta_init + eta * theta_slerp
         checkpoints.save_state(utils.liti(init, merged, cfg.eta), next_init)
-        store.push(it / "slerp.safetensors", next_init, it / "merge.json")
-        # merged: what only this merge needed leaves the local disk once the store holds it
-        done_with = [*finals, *filter(None, [init_path])]
-        store.release(*done_with, *([it / "slerp.safetensors"] if i < cfg.iterations - 1 else []))
+        # the next init is stored: the runs' finals and this init are needed no more (the last SLERP is)
+        last = i == cfg.iterations - 1
+        done_with = [*finals, init_path, None if last else it / "slerp.safetensors"]
+        stage.keep(it / "slerp.safetensors", next_init, it / "merge.json", then_discard=done_with)
         if on_event is not None:
             on_event("merge", info)
     if not finished:
         # Alg. 1, line 12: return theta_slerp_I (and the LITI policy, the start of a next iteration)
-        last = out / f"iter{cfg.iterations - 1}"
         states = {
-            "slerp": last / "slerp.safetensors",
+            "slerp": out / f"iter{cfg.iterations - 1}" / "slerp.safetensors",
             "liti": out / f"iter{cfg.iterations}" / "init.safetensors",
         }
         for name, state_file in states.items():
             if not (paths[name] / "config.json").exists():
-                store.pull(state_file)
+                stage.pull(state_file)
                 utils.load_state(sft, checkpoints.load_state_file(state_file))
                 extra = {"kind": name, **cfg.to_dict()}
                 checkpoints.save_pretrained_atomic(sft, tokenizer, paths[name], extra=extra)
-        if not store or store.push(*paths.values()):
-            # the final folders hold these two states: no second copy, here or in the store
-            store.delete(*states.values())
+        # the final folders hold these two states: no second copy, here or in the store
+        if stage.keep(*paths.values(), then_discard=states.values()) or not store:
             for state_file in states.values():
                 state_file.unlink(missing_ok=True)
             if states["liti"].parent.exists() and not any(states["liti"].parent.iterdir()):
                 states["liti"].parent.rmdir()  # iter{I}/ held only that state
-        runs.record_minutes(out, "warp", start)
-        store.push(out / "timing.json")
-        store.squash()
+        stage.end()
     return paths
 
 
 def train_reinforce_baseline(cfg: WarpConfig, prompts: list[list[int]], store=None) -> Path:
     """Plain REINFORCE with the same EMA-anchored reward for I * M * T steps, no merging, for comparison.
-
-    Returns the folder of its last snapshot; `baseline_checkpoints` snapshots are spread along the run.
-    """
-    start, out = time.time(), Path(cfg.out_dir) / "reinforce"
-    store = store or checkpoints.Store("", out)
-    store.pull(Path(cfg.out_dir) / "timing.json")
-    runs.claim_out_dir(cfg, store=store)
-    total = cfg.iterations * cfg.runs * cfg.steps
-    n = cfg.baseline_checkpoints
+    Returns the folder of its last snapshot; `baseline_checkpoints` snapshots are spread along the run."""
+    out, store = Path(cfg.out_dir) / "reinforce", store or storage.Store("", cfg.out_dir)
+    stage = runs.Stage(cfg, "reinforce", store)
+    total, n = cfg.iterations * cfg.runs * cfg.steps, cfg.baseline_checkpoints
     points = tuple(sorted({max(1, round(total * (j + 1) / n)) for j in range(n)}))
-    store.pull(out / "metrics.json")
+    stage.pull(out / "metrics.json")
     finished = runs.run_finished(out)
     spec = runs.RunSpec(str(out), "", cfg.seed + 999_999, total, save_points=points)  # from the SFT
     final = train_run(cfg, spec, prompts, store)  # the last snapshot
     store.release(*(out / f"step{p:05d}" for p in points[:-1]))  # 03 pulls them when it plots them
     if not finished:
-        runs.record_minutes(cfg.out_dir, "reinforce", start)
-        store.push(Path(cfg.out_dir) / "timing.json")
-        store.squash()
+        stage.end()
     return final

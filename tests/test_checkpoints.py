@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import checkpoints
+import storage
 import utils
 
 
@@ -168,17 +169,17 @@ def test_rng_state_reproduces_the_same_draws_also_through_a_file(tmp_path):
 def test_hf_token_reads_the_environment(monkeypatch):
     """hf_token returns HF_TOKEN from the environment, and None when it is unset or empty."""
     monkeypatch.setenv("HF_TOKEN", "hf_test_123")
-    assert checkpoints.hf_token() == "hf_test_123"
+    assert storage.hf_token() == "hf_test_123"
     monkeypatch.setenv("HF_TOKEN", "")
-    assert checkpoints.hf_token() is None
+    assert storage.hf_token() is None
     monkeypatch.delenv("HF_TOKEN")
-    assert checkpoints.hf_token() is None
+    assert storage.hf_token() is None
 
 
 def test_a_hub_store_without_a_token_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"STORE='me/warp' is a Hub repo, and there is no HF_TOKEN"):
-        checkpoints.Store("me/warp", tmp_path, token=None)
-    checkpoints.Store(str(tmp_path / "drive"), tmp_path, token=None)  # a folder needs none
+        storage.Store("me/warp", tmp_path, token=None)
+    storage.Store(str(tmp_path / "drive"), tmp_path, token=None)  # a folder needs none
 
 
 def test_resolve_checkpoint_prefers_a_local_folder(tmp_path):

@@ -140,8 +140,9 @@ def test_slerp_three_policies_fold_with_weight_one_over_m():
     assert (merged - wrong).norm() > 0.05 * merged.norm()
 
 
-def test_slerp_three_orthogonal_task_vectors_count_almost_equally():
-    """Three orthogonal unit task vectors get coefficients sin(60)/sqrt2, sin(60)/sqrt2 and sin(30)."""
+def test_slerp_three_orthogonal_task_vectors_do_not_count_equally():
+    """Three orthogonal unit task vectors get coefficients sin(60)/sqrt2, sin(60)/sqrt2 and sin(30): the 1/m
+    fold is not a mean (that would be 1/3 each, of norm 0.58); the norm of equal-norm vectors is kept."""
     e1, e2, e3 = orthonormal(3)
     init = torch.zeros(64) + 0.5
     merged = merge_one(init, init + e1, init + e2, init + e3).double() - init.double()
@@ -504,3 +505,20 @@ def test_angle_summary_mean_min_max_ignoring_nan():
     assert s == {"angle/mean": pytest.approx(60.0), "angle/min": 30.0, "angle/max": 90.0}
     empty = utils.angle_summary({"a": float("nan")})
     assert all(math.isnan(v) for v in empty.values())
+
+
+def test_slerp_of_two_is_symmetric_and_of_three_depends_on_the_order():
+    """What does hold of the 1/m fold: the merge of two runs is the same in either order; of three, the
+    last one folded in gets the smallest share, so the order changes the merge (0.61/0.61/0.50)."""
+    torch.manual_seed(5)
+    init = torch.randn(40)
+    d = [0.1 * torch.randn(40) for _ in range(3)]
+    two = merge_one(init, init + d[0], init + d[1]), merge_one(init, init + d[1], init + d[0])
+    torch.testing.assert_close(*two, rtol=1e-5, atol=1e-6)
+    e1, e2, e3 = orthonormal(3)
+    init = torch.zeros(64)
+    abc = merge_one(init, init + e1, init + e2, init + e3).double()
+    cab = merge_one(init, init + e3, init + e1, init + e2).double()
+    assert float(abc @ e3.double()) == pytest.approx(0.5, abs=1e-4)  # e3 folded in last
+    assert float(cab @ e3.double()) == pytest.approx(math.sin(math.pi / 3) / math.sqrt(2), abs=1e-4)
+    assert (abc - cab).norm() > 0.1

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-import checkpoints
 import config
+import storage
 from tests import tiny
 from tests.notebook import run_notebook
 
@@ -61,16 +61,13 @@ def test_pushed_repos_are_created_private(tmp_path, monkeypatch):
         def create_repo(self, repo_id, **kw):
             calls.append(("create", repo_id, kw))
 
-        def upload_folder(self, **kw):
-            calls.append(("upload", kw["repo_id"]))
-
-        def upload_file(self, **kw):
-            calls.append(("upload", kw["repo_id"], kw["path_in_repo"]))
+        def create_commit(self, repo_id, operations, **kw):
+            calls.extend(("upload", repo_id, op.path_in_repo) for op in operations)
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     (tmp_path / "warp").mkdir()
     (tmp_path / "warp" / "f.txt").write_text("x")
-    checkpoints.Store("me/warp", tmp_path, token="hf_x").push(tmp_path / "warp" / "f.txt")
+    storage.Store("me/warp", tmp_path, token="hf_x").push(tmp_path / "warp" / "f.txt")
     assert ("create", "me/warp", {"exist_ok": True, "private": True}) in calls and ("token", "hf_x") in calls
     assert ("upload", "me/warp", "warp/f.txt") in calls
 

@@ -19,13 +19,18 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def series(tmp_path_factory):
-    """Checkpoints of 01 and 02 on the offline preset, with their wall times."""
+    """Checkpoints of 01 and 02 on the offline preset, with their wall times. As on Kaggle or Colab, each
+    notebook runs in a session of its own: 01 in one folder, 02 in another, joined by a folder store."""
     work = tmp_path_factory.mktemp("series")
-    ck = work / "checkpoints"
-    times = {}
-    _, times["01"] = run_notebook("01_reward_model", work, PRESET="offline", CHECKPOINTS=str(ck))
-    text02, times["02"] = run_notebook("02_warp_training", work, PRESET="offline", CHECKPOINTS=str(ck))
-    return work, ck, times, text02
+    ck, store = work / "checkpoints", str(work / "store")
+    times, texts = {}, {}
+    texts["01"], times["01"] = run_notebook(
+        "01_reward_model", work, PRESET="offline", CHECKPOINTS=str(work / "session01"), STORE=store
+    )
+    texts["02"], times["02"] = run_notebook(
+        "02_warp_training", work, PRESET="offline", CHECKPOINTS=str(ck), STORE=store
+    )
+    return work, ck, times, texts
 
 
 def test_warp_beats_sft_on_heldout_prompts(series):
@@ -52,7 +57,7 @@ def test_warp_beats_sft_on_heldout_prompts(series):
 
 def test_02_shows_the_algorithm_and_runs_one_micro_batch(series):
     """02 displays the code of each step of Algorithm 1 and the per-row table of one micro-batch."""
-    *_, text = series
+    text = series[3]["02"]
     for source in (
         "def policy_loss(",
         "def ema_update(",
@@ -72,7 +77,7 @@ def test_generation_eval_notebook(series):
     KL 0) and ends at the SLERP policy (eta 1)."""
     work, ck, _, _ = series
     run_notebook(
-        "03_generation_eval", work, PRESET="offline", CHECKPOINTS=str(ck),
+        "03_generation_eval", work, PRESET="offline", CHECKPOINTS=str(ck), STORE=str(work / "store"),
         OVERRIDES={"n_prompts": 16, "etas": [0.0, 0.5, 1.0]},
     )  # fmt: skip
     results = pd.read_csv(ck / "eval" / "results.csv", index_col=0)
@@ -102,14 +107,14 @@ def test_mu_sweep_notebook_reuses_training_and_skips_finished(series):
     """04 trains one WARP per mu with 02's code, writes its CSV, and a restart skips finished values."""
     work, ck, _, _ = series
     params = dict(
-        PRESET="offline", CHECKPOINTS=str(ck), MUS=[0.01, 0.1],
+        PRESET="offline", CHECKPOINTS=str(ck), STORE=str(work / "store"), MUS=[0.01, 0.1],
         OVERRIDES={"steps": 3, "iterations": 1}, EVAL_OVERRIDES={"n_prompts": 8, "samples_per_prompt": 1},
     )  # fmt: skip
     run_notebook("04_mu_sweep", work, **params)
     table = pd.read_csv(ck / "mu_sweep" / "mu_sweep.csv", index_col=0)
     assert list(table.index) == ["SFT", "mu=0.01", "mu=0.1"]
     assert (ck / "mu_sweep" / "mu_sweep.png").stat().st_size > 0
-    finals = [ck / "mu_sweep" / f"mu={mu}" / "iter0" / "run0" / "final.safetensors" for mu in (0.01, 0.1)]
+    finals = [ck / "mu_sweep" / f"mu={mu}" / "final_slerp" / "model.safetensors" for mu in (0.01, 0.1)]
     stamps = [f.stat().st_mtime_ns for f in finals]
     run_notebook("04_mu_sweep", work, **params)
     assert [f.stat().st_mtime_ns for f in finals] == stamps  # nothing retrained
@@ -122,13 +127,51 @@ def test_mu_sweep_reuses_02s_run_for_its_mu(series):
     work, ck, _, _ = series
     own = ck / "mu_sweep" / "mu=0.01"  # another test may have trained mu = 0.01 here with other settings
     before = {p: p.stat().st_mtime_ns for p in own.rglob("*")} if own.exists() else {}
-    params = dict(PRESET="offline", CHECKPOINTS=str(ck), MUS=[0.01], EVAL_OVERRIDES={"n_prompts": 4})
+    params = dict(
+        PRESET="offline",
+        CHECKPOINTS=str(ck),
+        STORE=str(work / "store"),
+        MUS=[0.01],
+        EVAL_OVERRIDES={"n_prompts": 4},
+    )
     text, _ = run_notebook("04_mu_sweep", work, **params)
     assert "mu=0.01: 02 trained it with these settings; reusing" in text
     after = {p: p.stat().st_mtime_ns for p in own.rglob("*")} if own.exists() else {}
     assert after == before  # nothing trained or written for it
     table = pd.read_csv(ck / "mu_sweep" / "mu_sweep.csv", index_col=0)
     assert table.loc["mu=0.01", "train_minutes"] == pytest.approx(runs.stage_minutes(ck / "warp")["warp"])
+
+
+def test_the_store_gets_what_is_costly_to_recompute_in_few_commits(series):
+    """01 and 02 in sessions of their own, joined by a folder store (its ledger counts the commits): 02 got
+    01's model from the store; each notebook made at most 30 commits; every run's final state and every
+    merge went to the store and, once the next merge was stored, left it; no progress checkpoint was
+    stored (the runs are far shorter than store_progress_minutes); 01 and 02 said "stored" after it."""
+    import storage
+
+    work, ck, _, texts = series
+    ledger = [json.loads(line) for line in (work / "store" / storage.LEDGER).read_text().splitlines()]
+    sessions = list(dict.fromkeys(e["session"] for e in ledger))
+    by_notebook = dict(
+        zip(["01", "02"], ([e for e in ledger if e["session"] == s] for s in sessions), strict=False)
+    )
+    assert all(0 < len(commits) <= 30 for commits in by_notebook.values()), {
+        k: len(v) for k, v in by_notebook.items()
+    }
+    added = [f for e in by_notebook["02"] for f in e["added"]]
+    for i in range(2):
+        assert all(f"warp/iter{i}/run{m}/final.safetensors" in added for m in range(2)), "every run's final"
+    assert "warp/iter0/slerp.safetensors" in added and "warp/iter1/init.safetensors" in added, "every merge"
+    assert not any("progress" in f for e in ledger for f in e["added"]), "no progress checkpoint stored"
+    held = {p.relative_to(work / "store").as_posix() for p in (work / "store").rglob("*") if p.is_file()}
+    assert not any(f.endswith(("final.safetensors", "init.safetensors", "slerp.safetensors")) for f in held)
+    assert {"warp/final_slerp/model.safetensors", "warp/final_liti/model.safetensors"} <= held
+    assert (
+        "reward_model/model.safetensors" in held
+        and sum("reinforce/step" in f and f.endswith("model.safetensors") for f in held) == 5
+    )
+    assert "is stored in" in texts["01"] and f"stored in {work / 'store'}" in texts["02"]
+    assert (ck / "reward_model" / "metrics.json").exists()  # 02 pulled 01's model from the store
 
 
 def test_collect_figures_copies_what_readme_shows(tmp_path):

@@ -19,6 +19,7 @@ import torch
 import checkpoints
 import config
 import runs
+import storage
 import utils
 import warp
 from tests import tiny
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_store_mirrors_files_and_folders_under_its_root(tmp_path):
     root, where = tmp_path / "ck", tmp_path / "drive"
-    store = checkpoints.Store(str(where), root)
+    store = storage.Store(str(where), root)
     (root / "warp" / "run0").mkdir(parents=True)
     (root / "warp" / "run0" / "final.pt").write_bytes(b"weights")
     (root / "warp" / "config.json").write_text("{}")
@@ -38,14 +39,14 @@ def test_store_mirrors_files_and_folders_under_its_root(tmp_path):
     assert (where / "warp" / "run0" / "final.pt").read_bytes() == b"weights"
     assert not (where / "elsewhere.txt").exists()  # outside the root: not the store's business
     new_root = tmp_path / "new_session"
-    fresh = checkpoints.Store(str(where), new_root)
+    fresh = storage.Store(str(where), new_root)
     fresh.pull(new_root / "warp" / "config.json", new_root / "warp" / "missing.pt")
     assert (new_root / "warp" / "config.json").read_text() == "{}"
     assert not (new_root / "warp" / "run0").exists()  # only what was asked for
     fresh.pull(new_root / "warp" / "run0")
     assert (new_root / "warp" / "run0" / "final.pt").read_bytes() == b"weights"
-    checkpoints.Store("", root).push(root / "warp")  # no store: nothing happens
-    assert "token" not in repr(checkpoints.Store("me/repo", root, token="hf_secret"))
+    storage.Store("", root).push(root / "warp")  # no store: nothing happens
+    assert "token" not in repr(storage.Store("me/repo", root, token="hf_secret"))
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +62,17 @@ SETTINGS = dict(
 CHILD = """
 import json, sys
 sys.path.insert(0, {root!r})
-import checkpoints, config, utils, warp
+import checkpoints, config, storage, utils, warp
 cfg = config.WarpConfig.for_preset("offline", **json.loads({cfg!r}))
 prompts = warp.training_prompts(cfg, utils.load_policy(cfg.sft)[1])[0]
-warp.warp(cfg, prompts, store=checkpoints.Store({store!r}, {ck!r}))
+warp.warp(cfg, prompts, store=storage.Store({store!r}, {ck!r}, progress_minutes=0))
 """
 
 
 def run_warp(assets, ck: Path, store: Path) -> dict[str, Path]:
     cfg = config.WarpConfig.for_preset("offline", **assets, out_dir=str(ck / "warp"), **SETTINGS)
     prompts = warp.training_prompts(cfg, utils.load_policy(cfg.sft)[1])[0]
-    return warp.warp(cfg, prompts, store=checkpoints.Store(str(store), ck))
+    return warp.warp(cfg, prompts, store=storage.Store(str(store), ck, progress_minutes=0))
 
 
 def test_a_dead_session_resumes_from_the_store_bitwise(assets, tmp_path, monkeypatch):
@@ -81,14 +82,18 @@ def test_a_dead_session_resumes_from_the_store_bitwise(assets, tmp_path, monkeyp
         {
             p.relative_to(tmp_path / "whole" / k / "warp").as_posix()
             for p in (tmp_path / "whole" / k).rglob("*.*")
+            if not p.name.startswith(".")  # the folder store's ledger
         }
         for k in ("ck", "store")
     )
     states = {f"iter{i}/run{m}/final.safetensors" for i in range(2) for m in range(2)}
     states |= {"iter0/slerp.safetensors", "iter1/init.safetensors"}
-    assert states <= stored and not states & local, "run finals and merged states: in the store, not local"
+    assert not states & (local | stored), (
+        "run finals and merged states: discarded once the next merge is stored"
+    )
     duplicates = {"iter0/init.safetensors", "iter1/slerp.safetensors", "iter2/init.safetensors"}
     assert not duplicates & (local | stored), "the SFT, the last SLERP and the last LITI are the finals"
+    assert {f"iter{i}/run{m}/metrics.json" for i in range(2) for m in range(2)} <= stored  # for 02's plots
     assert not any("progress" in f for f in local | stored), "progress checkpoints are gone once runs end"
     assert {"final_slerp/model.safetensors", "final_liti/model.safetensors"} <= local & stored
 
@@ -151,8 +156,8 @@ def test_model_card_names_hub_ids_in_its_metadata_and_local_paths_in_its_text(tm
 class FakeHub:
     """A stand-in for the Hub: files in a dict, with the failures a real repo gives."""
 
-    def __init__(self, files: dict[str, bytes], error: Exception | None = None):
-        self.files, self.error = files, error
+    def __init__(self, files: dict[str, bytes], error: Exception | None = None, read_only: bool = False):
+        self.files, self.error, self.read_only, self.commits = files, error, read_only, []
 
     def install(self, monkeypatch):
         import huggingface_hub
@@ -168,7 +173,22 @@ class FakeHub:
                     raise hub.error
                 return list(hub.files)
 
+            def create_repo(self, repo_id, **kw):
+                hub.commits.append(("create", repo_id, kw))
+
+            def create_commit(self, repo_id, operations, commit_message=""):
+                hub.commits.append(("commit", [op.path_in_repo for op in operations]))
+                for op in operations:
+                    hub.files[op.path_in_repo] = Path(op.path_or_fileobj).read_bytes()
+
+            def upload_file(self, path_or_fileobj, path_in_repo, repo_id, **kw):
+                if hub.read_only:
+                    raise PermissionError("403 Forbidden: this token cannot write")
+                hub.commits.append(("commit", [path_in_repo]))
+                hub.files[path_in_repo] = path_or_fileobj
+
             def delete_files(self, repo_id, delete_patterns):
+                hub.commits.append(("delete", list(delete_patterns)))
                 for f in delete_patterns:
                     hub.files.pop(f)
 
@@ -187,7 +207,7 @@ def test_hub_store_pulls_whole_folders_and_never_mistakes_an_error_for_an_empty_
 
     files = {"warp/final_slerp/config.json": b"{}", "warp/final_slerp/model.safetensors": b"w", "x/y": b"z"}
     FakeHub(files).install(monkeypatch)
-    store = checkpoints.Store("me/warp", tmp_path, token="hf_x")
+    store = storage.Store("me/warp", tmp_path, token="hf_x")
     store.pull(tmp_path / "warp" / "final_slerp", tmp_path / "warp" / "missing.pt")
     assert sorted(p.name for p in (tmp_path / "warp" / "final_slerp").iterdir()) == [
         "config.json",
@@ -200,12 +220,10 @@ def test_hub_store_pulls_whole_folders_and_never_mistakes_an_error_for_an_empty_
     assert list(files) == ["x/y"]
 
     FakeHub({}, RepositoryNotFoundError.__new__(RepositoryNotFoundError)).install(monkeypatch)
-    checkpoints.Store("me/new", tmp_path / "fresh", token="hf_x").pull(
-        tmp_path / "fresh" / "warp"
-    )  # nothing yet
+    storage.Store("me/new", tmp_path / "fresh", token="hf_x").pull(tmp_path / "fresh" / "warp")  # nothing yet
     FakeHub({}, ConnectionError("rate limited")).install(monkeypatch)
     with pytest.raises(ConnectionError):  # not "the store is empty": that would retrain and overwrite it
-        checkpoints.Store("me/warp", tmp_path / "other", token="hf_x").pull(tmp_path / "other" / "warp")
+        storage.Store("me/warp", tmp_path / "other", token="hf_x").pull(tmp_path / "other" / "warp")
 
 
 def test_a_failed_push_warns_and_training_goes_on(tmp_path, monkeypatch):
@@ -220,9 +238,9 @@ def test_a_failed_push_warns_and_training_goes_on(tmp_path, monkeypatch):
     with pytest.warns(
         UserWarning, match=r"could not push .*progress\.pt to me/warp \(RuntimeError: storage quota"
     ):
-        checkpoints.Store("me/warp", tmp_path, token="hf_x").push(tmp_path / "warp" / "progress.pt")
+        storage.Store("me/warp", tmp_path, token="hf_x").push(tmp_path / "warp" / "progress.pt")
     with pytest.warns(UserWarning, match=r"outside .*: not pushed"):
-        checkpoints.Store(str(tmp_path / "drive"), tmp_path / "warp").push(tmp_path / "elsewhere")
+        storage.Store(str(tmp_path / "drive"), tmp_path / "warp").push(tmp_path / "elsewhere")
 
 
 @pytest.mark.parametrize("kind", ["folder", "hub"])
@@ -237,14 +255,14 @@ def test_release_frees_only_what_the_store_holds_and_pull_brings_it_back(tmp_pat
     if kind == "hub":
         files = {}
         FakeHub(files).install(monkeypatch)
-        store = checkpoints.Store("me/warp", tmp_path / "ck", token="hf_x")
+        store = storage.Store("me/warp", tmp_path / "ck", token="hf_x")
         for step in ("step00001", "step00002"):  # as if pushed
             files[f"reinforce/{step}/model.safetensors"] = step.encode()
     else:
-        store = checkpoints.Store(str(tmp_path / "drive"), tmp_path / "ck")
+        store = storage.Store(str(tmp_path / "drive"), tmp_path / "ck")
         assert store.push(root / "step00001", root / "step00002")
-    assert not checkpoints.Store("", tmp_path / "ck").push(root)  # no store: nothing pushed, says so
-    checkpoints.Store("", tmp_path / "ck").release(root / "step00001")
+    assert not storage.Store("", tmp_path / "ck").push(root)  # no store: nothing pushed, says so
+    storage.Store("", tmp_path / "ck").release(root / "step00001")
     assert (root / "step00001").exists(), "without a store the local copy is the only one"
     store.release(root / "step00001", root / "metrics.json")
     assert not (root / "step00001").exists(), "held by the store: freed"
@@ -268,7 +286,7 @@ def test_04_killed_mid_sweep_resumes_from_the_store_bitwise(assets, tmp_path):
 
     from safetensors.torch import load_file
 
-    settings = {**assets, **SETTINGS, "iterations": 1, "reward_max_length": 64}
+    settings = {**assets, **SETTINGS, "iterations": 1, "reward_max_length": 64, "store_progress_minutes": 0}
     evals = {"n_prompts": 4, "samples_per_prompt": 1, "max_new_tokens": 4}
     params = {"PRESET": "offline", "CHECKPOINTS": "ck", "MUS": [0.01, 0.1], "OVERRIDES": settings}
     params["EVAL_OVERRIDES"] = evals

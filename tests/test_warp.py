@@ -229,8 +229,8 @@ def test_parallel_runs_equal_sequential(assets, tmp_path):
     specs = lambda root: [
         runs.RunSpec(str(root / f"run{m}"), str(tmp_path / "init.safetensors"), m, 2) for m in range(2)
     ]
-    warp.train_runs(cfg, specs(tmp_path / "seq"), prompts, processes=1)
-    warp.train_runs(cfg, specs(tmp_path / "par"), prompts, processes=2)
+    runs.run_parallel(warp.train_run, [(cfg, s, prompts) for s in specs(tmp_path / "seq")], processes=1)
+    runs.run_parallel(warp.train_run, [(cfg, s, prompts) for s in specs(tmp_path / "par")], processes=2)
     for m in range(2):
         a = checkpoints.load_state_file(tmp_path / "seq" / f"run{m}" / "final.safetensors")
         b = checkpoints.load_state_file(tmp_path / "par" / f"run{m}" / "final.safetensors")
@@ -289,3 +289,78 @@ def test_claim_out_dir_allows_only_harmless_changes(assets, tmp_path):
     runs.claim_out_dir(make_cfg(assets, tmp_path, save_every=5, parallel=False))
     with pytest.raises(ValueError, match="beta"):
         runs.claim_out_dir(make_cfg(assets, tmp_path, beta=0.3))
+
+
+def test_a_step_the_fp16_loss_scaler_skips_moves_nothing_and_is_not_counted(
+    assets, tmp_path, monkeypatch, own_precision
+):
+    """A GradScaler skip (forced with an inf gradient at the second step) applies no Adam update, so the
+    anchor must not move either and the step does not count: T applied updates, T anchor moves, T
+    scheduler steps, the skip in the metrics. A run resumed after the skip ends bit for bit like one that
+    was not interrupted (the skipped step's prompts are skipped again)."""
+    import accelerate
+
+    class ScaledOnTheCpu(accelerate.Accelerator):  # accelerate gives the CPU no scaler; torch has one
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+
+    monkeypatch.setattr(accelerate, "Accelerator", ScaledOnTheCpu)
+    real_loss, calls = warp.policy_loss, []
+
+    def loss_with_an_inf_gradient_at_call_2(policy, *args):
+        loss, stats, rows = real_loss(policy, *args)
+        calls.append(1)
+        if len(calls) == 2:  # a term with an infinite gradient and no effect on the logged statistics
+            loss = loss + next(policy.parameters()).sum() * float("inf")
+        return loss, stats, rows
+
+    monkeypatch.setattr(warp, "policy_loss", loss_with_an_inf_gradient_at_call_2)
+    counts = {"adam": 0, "ema": 0}
+    adam_step, ema = torch.optim.Adam.step, utils.ema_update
+
+    def counted_adam(self, *a, **k):
+        counts["adam"] += 1
+        return adam_step(self, *a, **k)
+
+    def counted_ema(*a):
+        counts["ema"] += 1
+        return ema(*a)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counted_adam)
+    monkeypatch.setattr(utils, "ema_update", counted_ema)
+    cfg = make_cfg(assets, tmp_path / "out", steps=3)
+    prompts = prompts_of(cfg)
+    policy, _ = utils.load_policy(cfg.sft)
+    checkpoints.save_state(utils.state_of(policy), tmp_path / "init.safetensors")
+    whole = run_weights(cfg, prompts, tmp_path / "whole", tmp_path / "init.safetensors")
+    history = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert len(calls) == 4 and counts == {"adam": 3, "ema": 3}  # 4 attempts, 1 skipped, 3 applied
+    assert [h["optimizer/skipped_steps"] for h in history] == [0, 1, 1]
+    lrs = [h["lr"] for h in history]  # warm-up 1/3, 2/3, 1 of lr: the skip did not advance it
+    assert cfg.warmup_steps == 2 and lrs == pytest.approx([cfg.lr * 2 / 3, cfg.lr, cfg.lr])
+    calls.clear()
+    resumed = run_weights(cfg, prompts, tmp_path / "resumed", tmp_path / "init.safetensors", stop_at=2)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_a_run_does_not_resume_in_another_precision(assets, tmp_path, monkeypatch, own_precision):
+    """'auto' is resolved on each machine: a run checkpointed in bf16 and resumed where 'auto' means fp16
+    (a T4) is refused before any model loads, with the precision it trained in; the same machine resumes."""
+    cfg = make_cfg(assets, tmp_path / "out", steps=3, mixed_precision="auto")
+    prompts = prompts_of(cfg)
+    spec = runs.RunSpec(str(tmp_path / "run"), "", seed=0, steps=3)
+    monkeypatch.setattr(runs, "mixed_precision_for", lambda choice: "bf16")  # the first machine
+
+    def stop(step, metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        warp.train_run(cfg, spec, prompts, on_step=stop)
+    assert torch.load(tmp_path / "run" / "progress.pt", weights_only=True)["mixed_precision"] == "bf16"
+    monkeypatch.setattr(runs, "mixed_precision_for", lambda choice: "fp16")  # a T4
+    loads = []
+    monkeypatch.setattr(runs, "load_rl_models", lambda *a: loads.append(1))
+    with pytest.raises(ValueError, match=r"trained in mixed precision 'bf16' and would resume in 'fp16'"):
+        warp.train_run(cfg, spec, prompts)
+    assert not loads  # refused before any model loaded
