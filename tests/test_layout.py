@@ -186,3 +186,24 @@ def test_setup_upgrades_the_hf_libraries_together_and_never_torch(tmp_path, monk
     }
     assert "torch" not in " ".join(upgrade) and rest == ("-r", str(code / "requirements.txt"))
     assert sys.path[0] == str(code.resolve())
+
+
+def test_requirements_hold_tested_ranges_and_the_setup_cell_upgrades_all_hf_libraries():
+    """Every runtime package has the lower bound CI's lowest job installs; the HF libraries also an upper
+    bound (a major or minor release not tested yet could break what the notebooks call), and the setup
+    cell upgrades exactly those together (an old peft beside a new transformers fails to import)."""
+    import re
+
+    bounds = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, spec = re.fullmatch(r"([A-Za-z0-9_.-]+)(.*)", line).groups()
+            bounds[name] = spec
+    assert all(">=" in spec for spec in bounds.values()), bounds
+    hf = {"transformers", "accelerate", "peft", "datasets", "huggingface_hub", "tokenizers"}
+    assert hf <= set(bounds) and all("<" in bounds[name].replace("<=", "") for name in hf)
+    assert "<" not in bounds["torch"]  # Kaggle's and Colab's CUDA builds stay
+    assert re.search(r"peft>=0\.(1[89]|2\d)", "peft" + bounds["peft"])  # 0.17 breaks with transformers 5
+    cell = setup_cell(NOTEBOOKS[0])
+    assert set(re.search(r"HF_LIBS = \[(.*)\]", cell).group(1).replace('"', "").split(", ")) == hf
