@@ -1,5 +1,6 @@
 """The module layout the design card asks for: a small, pure `utils.py`, imports that run one way, one
-copy of the algorithm (02 and 04 call `warp.warp`), and 02 showing the algorithm's code."""
+copy of the algorithm (02 and 04 call `warp.warp`), 02 showing the algorithm's code, one setup cell in
+01-04 (finding or fetching the code on Kaggle/Colab), and requirements.txt's tested ranges."""
 
 from __future__ import annotations
 
