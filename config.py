@@ -50,14 +50,70 @@ def platform() -> str:
     return "local"
 
 
-# How to turn on what the imdb preset needs, per notebook service.
+# How to turn on what the imdb preset needs, per notebook service. Kaggle's P100 (sm_60) is not offered:
+# the CUDA torch builds of current images have no kernels below sm_70 (see `gpu_problem`).
 HOW_TO = {
     "kaggle": {
-        "gpu": "Settings -> Accelerator -> GPU T4 x2 (or P100)",
+        "gpu": "Settings -> Accelerator -> GPU T4 x2 (or L4)",
         "internet": "Settings -> Internet -> on",
     },
-    "colab": {"gpu": "Runtime -> Change runtime type -> T4 GPU", "internet": "reconnect the runtime"},
+    "colab": {"gpu": "Runtime -> Change runtime type -> T4 GPU (or L4)", "internet": "reconnect the runtime"},
 }
+# The versions the environment report prints (the HF libraries are upgraded together by the setup cell).
+REPORTED_PACKAGES = ("torch", "transformers", "accelerate", "peft", "datasets")
+
+
+def runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """True when a torch build with kernels for `arch_list` (`torch.cuda.get_arch_list()`) can run on a card
+    of compute `capability` (major, minor). A cubin `sm_XY` runs on cards of the same major and a minor >= Y
+    (and never across majors); an arch-specific one (`sm_90a`) only on exactly X.Y; PTX `compute_XY` is
+    compiled by the driver for any card >= X.Y. Versions are read as major = all digits but the last."""
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        digits = number.rstrip("abcdefghijklmnopqrstuvwxyz")
+        if kind not in ("sm", "compute") or len(digits) < 2 or not digits.isdigit():
+            continue
+        built = (int(digits[:-1]), int(digits[-1]))
+        if digits != number:  # an `a`/`f` suffix: features of that exact architecture
+            if built == capability:
+                return True
+        elif kind == "compute" and built <= capability:
+            return True
+        elif kind == "sm" and built[0] == capability[0] and built[1] <= capability[1]:
+            return True
+    return False
+
+
+def gpu_problem() -> str | None:
+    """Why this torch build cannot compute on the visible GPU (as an instruction), or None (no GPU, or a
+    card it has kernels for)."""
+    if not torch.cuda.is_available():
+        return None
+    arch_list = torch.cuda.get_arch_list()
+    for device in range(max(1, torch.cuda.device_count())):  # every card the runs may use
+        capability = tuple(torch.cuda.get_device_capability(device))
+        if not runs_on(capability, arch_list):
+            major, minor = capability
+            return (
+                f"the GPU {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}, "
+                f"sm_{major}{minor}) cannot run this torch {torch.__version__}, whose CUDA kernels are for "
+                f"{', '.join(arch_list) or 'no GPU'}: use T4 x2 or L4 (Kaggle: Settings -> Accelerator -> "
+                "GPU T4 x2; Colab: Runtime -> Change runtime type -> T4 GPU) and restart the session"
+            )
+    return None
+
+
+def package_versions(names: tuple[str, ...] = REPORTED_PACKAGES) -> dict[str, str]:
+    """Installed version of each package ('not installed' when absent), as pip sees it."""
+    from importlib import metadata
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 def resolve_preset(name: str = "auto") -> tuple[str, str]:
@@ -72,6 +128,9 @@ def resolve_preset(name: str = "auto") -> tuple[str, str]:
     if name != "auto":
         return name, f"preset '{name}' (chosen explicitly)"
     where = platform()
+    problem = gpu_problem()
+    if problem:  # never pick imdb (or the CPU) on a card whose kernels this torch lacks
+        raise RuntimeError(f"PRESET='auto': {problem}")
     gpu, hub = torch.cuda.is_available(), hub_reachable()
     if where in HOW_TO and not (gpu and hub):
         missing = "gpu" if not gpu else "internet"
@@ -88,18 +147,35 @@ def resolve_preset(name: str = "auto") -> tuple[str, str]:
 
 
 def environment_report(token: str | None) -> list[str]:
-    """One line each on what the imdb preset needs: a GPU, the internet (the Hub), an HF_TOKEN to push
-    checkpoints; each missing one says how to get it. The token itself is never shown."""
+    """One line each on what the imdb preset needs: a GPU this torch build can run on, the internet (the
+    Hub), an HF_TOKEN to push checkpoints; each missing one says how to get it. Then the versions of
+    torch and the HF libraries. The token itself is never shown. Raises, before anything is computed, on
+    a GPU that this torch build has no kernels for (e.g. a P100, sm_60, with kernels from sm_70 on)."""
+    problem = gpu_problem()
+    if problem:
+        raise RuntimeError(problem[0].upper() + problem[1:])
     how = HOW_TO.get(platform(), {"gpu": "a machine with an NVIDIA GPU", "internet": "a network connection"})
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        count = max(1, torch.cuda.device_count())
+        gpu = (
+            f"GPU: {torch.cuda.get_device_name(0)}{f' x{count}' if count > 1 else ''}, compute capability "
+            f"{major}.{minor}; this torch build has kernels for it ({', '.join(torch.cuda.get_arch_list())})"
+        )
+    else:
+        gpu = f"GPU: none ({how['gpu']}); the imdb preset needs one"
+    versions = package_versions()
+    cuda = f" (CUDA {torch.version.cuda})" if torch.version.cuda else " (CPU build)"
+    versions["torch"] += cuda
     return [
-        f"GPU: {gpu}" if gpu else f"GPU: none ({how['gpu']}); the imdb preset needs one",
+        gpu,
         "internet: the Hugging Face Hub answers"
         if hub_reachable()
         else f"internet: no Hub ({how['internet']})",
         "HF_TOKEN: found (checkpoints can be pushed)"
         if token
         else "HF_TOKEN: not set (Kaggle: Add-ons -> Secrets; Colab: key icon -> Secrets); saving locally",
+        "versions: " + ", ".join(f"{name} {v}" for name, v in versions.items()),
     ]
 
 

@@ -235,7 +235,9 @@ def score_texts(
     with torch.inference_mode():
         device = model_device(reward_model)
         enc = reward_tokenizer(list(texts), truncation=True, max_length=max_length)
-        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+        # one segment per text: token_type_ids would be all 0, every encoder's default (and DistilBERT
+        # under transformers 4.x refuses them), so only ids and mask go in
+        keys = ["input_ids", "attention_mask"]
         order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
         scores = torch.zeros(len(texts))
         for start in range(0, len(order), batch_size):

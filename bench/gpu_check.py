@@ -1,8 +1,14 @@
 """One-call check of the `imdb` preset at its real shapes, on whatever machine runs it.
 
-GPT-2 small (12 layers, 768 wide, 50,257 tokens) and a DistilBERT-base-shaped reward encoder, built from
-their configs with random weights, GPT-2's real tokenizer and real IMDb reviews from `../shared/data`
-(no Hub needed). It runs the four notebooks top to bottom through papermill:
+Its models and data come from one of two sources, the first that is there (`--source` picks one):
+
+- `shared`: GPT-2 small (12 layers, 768 wide, 50,257 tokens) and a DistilBERT-base-shaped reward encoder,
+  built from their configs with random weights, GPT-2's real tokenizer and real IMDb reviews from
+  `../shared/data` beside the checkout (no Hub needed; CI and the developers' machines have it);
+- `hub`: the imdb preset's own `lvwerra/gpt2-imdb`, `distilbert-base-cased` and `stanfordnlp/imdb`, loaded
+  once up front by the series' own loading functions (a Kaggle or Colab session with the internet on).
+
+It runs the four notebooks top to bottom through papermill:
 
 - 01 for a few hundred steps at the imdb settings with `mixed_precision="auto"` (bf16 where the GPU computes
   it natively, else fp16 with a loss scaler) and, on a bf16 GPU, once more in fp16 (a T4's path);
@@ -34,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import checkpoints  # noqa: E402
+import config  # noqa: E402
 from bench import imdb_shaped, machine  # noqa: E402
 
 # What each stage runs: the check's own sizes, and the smoke test's one step of everything.
@@ -85,6 +92,44 @@ IMDB_03_SEQUENCES = (
     (4 + 11 + 5) * 100 * 4
 )  # (models + eta points + REINFORCE checkpoints) x prompts x samples
 IMDB_04_STEPS, IMDB_04_SEQUENCES = 3 * 2 * 2 * 100, 4 * 100 * 4
+
+
+SOURCES = ("shared", "hub")
+
+
+def choose_source(shared: Path, wanted: str = "auto", hub_reachable=config.hub_reachable) -> str:
+    """Where the check's models and data come from: `wanted` if given, else `shared` when `shared` has the
+    files, else `hub` when the Hub answers; stops with what is missing and how to provide it."""
+    missing = imdb_shaped.missing_shared(shared)
+    if wanted == "shared" and missing:
+        raise SystemExit(f"--source shared: {missing}")
+    if wanted != "auto":
+        return wanted
+    if missing is None:
+        return "shared"
+    if hub_reachable():
+        return "hub"
+    raise SystemExit(
+        f"no models or data for the check: {missing} (pass --shared FOLDER), and the Hugging Face Hub "
+        f"does not answer for {', '.join(config.IMDB_IDS.values())} (turn the internet on: Kaggle: "
+        f"Settings -> Internet -> on; Colab: reconnect the runtime)"
+    )
+
+
+def hub_assets() -> dict[str, str]:
+    """The imdb preset's Hub ids, each loaded once here (into the Hub cache the notebooks then read) by the
+    series' loading functions, so a missing model or data set stops the check before any stage runs."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import utils
+
+    ids = dict(config.IMDB_IDS)
+    utils.load_policy(ids["sft"])
+    AutoTokenizer.from_pretrained(ids["reward_base"])  # as 01 loads its base: a fresh one-output head
+    AutoModelForSequenceClassification.from_pretrained(ids["reward_base"], num_labels=1)
+    utils.load_reviews(ids["data"], "train")
+    utils.load_reviews(ids["data"], "test")
+    return ids
 
 
 def native_bf16() -> bool:
@@ -158,12 +203,17 @@ def rl_speed(run_dirs: list[Path], rows_per_step: int) -> dict[str, float]:
     return {"s/step": seconds, "tokens/s": tokens / seconds, "peak GiB": peak or None, "steps": len(steps)}
 
 
-def run_check(out: Path, sizes: dict, shared: Path | None = None) -> dict:
-    """Build the imdb-shaped assets in `out`, run the four notebooks on them, return the measurements."""
+def run_check(out: Path, sizes: dict, shared: Path | None = None, source: str = "shared") -> dict:
+    """Build the imdb-shaped assets in `out` (`source` shared) or fetch the imdb preset's (hub), run the
+    four notebooks on them, return the measurements."""
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    assets = imdb_shaped.build_assets(out / "assets", shared or imdb_shaped.SHARED)
+    if source == "hub":
+        assets = hub_assets()
+    else:
+        assets = imdb_shaped.build_assets(out / "assets", shared or imdb_shaped.SHARED)
     result = {"machine": machine.describe(), "assets_seconds": time.time() - start, "stages": {}}
+    result["source"] = source
     stages = result["stages"]
     ck = out / "ck"
 
@@ -255,6 +305,7 @@ def table(result: dict) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
     lines = [
         f"GPU: {m['gpu']} (x{m['gpus']}), torch {m['torch']}, CUDA {m['cuda']}; "
+        f"models and data: {result.get('source', 'shared')}; "
         f"total {result['total_seconds'] / 60:.1f} min; local checkpoints {result['disk_gb']:.1f} GB at the "
         f"end, {result['disk_peak_gb']:.1f} GB at the peak (store: {result['store'] or 'none'})"
         + (f"; 02 and 04 train with {result['rl_overrides']}" if result.get("rl_overrides") else "")
@@ -283,6 +334,11 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     parser.add_argument("--shared", default=None, help="folder with gpt2_tokenizer/ and imdb_train_4k.jsonl")
     parser.add_argument(
+        "--source", default="auto", choices=["auto", *SOURCES],
+        help="models and data: random-weight shapes from --shared, or the imdb preset's from the Hub; "
+        "auto: shared when its files are there, else the Hub",
+    )  # fmt: skip
+    parser.add_argument(
         "--compile", action="store_true", help="02, 03 and 04 sample with the compiled decode step"
     )
     parser.add_argument(
@@ -291,9 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     args = parser.parse_args(argv)
     shared = Path(args.shared) if args.shared else None
-    reason = imdb_shaped.missing_shared(shared or imdb_shaped.SHARED)
-    if reason:
-        raise SystemExit(reason)
+    source = choose_source(shared or imdb_shaped.SHARED, args.source)
+    print(f"models and data: {source}", "(random weights, real tokenizer and reviews)" * (source == "shared"))
     out = Path(args.out)
     global STORE, RL_OVERRIDES, EVAL_OVERRIDES
     STORE = str((out / "store").resolve()) if args.disk else ""
@@ -301,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
     EVAL_OVERRIDES = {"compile_generation": True} if args.compile else {}
     if args.rows:
         RL_OVERRIDES.update(batch_size=args.rows, grad_accum=64 // args.rows)
-    result = run_check(out, DISK if args.disk else SMOKE if args.smoke else CHECK, shared)
+    result = run_check(out, DISK if args.disk else SMOKE if args.smoke else CHECK, shared, source)
     print(table(result))
     return result
 

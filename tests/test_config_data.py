@@ -211,7 +211,7 @@ def test_resolve_auto_is_offline_without_hub_even_with_a_gpu(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    pretend_a_t4(monkeypatch)
     assert config.hub_reachable() is False
     assert config.resolve_preset("auto")[0] == "offline"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -220,9 +220,16 @@ def test_resolve_auto_is_offline_without_hub_even_with_a_gpu(monkeypatch):
     assert calls == []  # HF_HUB_OFFLINE=1 is honoured before any request
 
 
+def pretend_a_t4(monkeypatch):
+    """torch.cuda reports one T4 (sm_75), which this (CPU) torch is taken to have kernels for."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75"])
+
+
 def test_resolve_auto_is_imdb_with_gpu_and_hub(monkeypatch):
     """'auto' gives 'imdb' when a GPU and the Hub are both there."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    pretend_a_t4(monkeypatch)
     monkeypatch.setattr(config, "hub_reachable", lambda *a, **k: True)
     assert config.resolve_preset("auto")[0] == "imdb"
 

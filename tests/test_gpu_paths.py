@@ -133,3 +133,36 @@ def test_02_and_04_check_on_the_device_they_train_on():
             load = re.match(r"\s*(\w+)(, \w+)? = utils\.load_(policy|reward_model)\(", line)
             if load and ".to(device)" not in line:
                 assert f"{load.group(1)}.to(device)" in code, (notebook, line)
+
+
+def test_gpu_check_takes_shared_files_else_the_hub_else_stops(tmp_path, monkeypatch):
+    """bench/gpu_check.py runs on Kaggle/Colab without ../shared: it uses the imdb preset's Hub models
+    and data when the Hub answers, and says what is missing when neither is there."""
+    from bench import gpu_check, imdb_shaped
+
+    shared = tmp_path / "shared"
+    for f in ("gpt2_tokenizer/encoder.json", "gpt2_tokenizer/vocab.bpe", "imdb_train_4k.jsonl"):
+        (shared / f).parent.mkdir(parents=True, exist_ok=True)
+        (shared / f).write_text("")
+    absent = tmp_path / "absent"
+    assert gpu_check.choose_source(shared, hub_reachable=lambda: True) == "shared"  # no download needed
+    assert gpu_check.choose_source(shared, hub_reachable=lambda: False) == "shared"
+    assert gpu_check.choose_source(absent, hub_reachable=lambda: True) == "hub"
+    assert gpu_check.choose_source(shared, "hub", hub_reachable=lambda: False) == "hub"  # asked for
+    with pytest.raises(SystemExit, match=r"--source shared: shared IMDb/GPT-2 assets not found"):
+        gpu_check.choose_source(absent, "shared", hub_reachable=lambda: True)
+    with pytest.raises(SystemExit) as neither:
+        gpu_check.choose_source(absent, hub_reachable=lambda: False)
+    message = str(neither.value)
+    assert "not found" in message and "--shared" in message and "lvwerra/gpt2-imdb" in message
+    assert "Settings -> Internet -> on" in message
+
+    # main: the source chosen is the one the notebooks run on; the Hub is offline in tests
+    ran = []
+    monkeypatch.setattr(gpu_check, "run_check", lambda out, sizes, shared, source: ran.append(source) or {})
+    monkeypatch.setattr(gpu_check, "table", lambda result: "")
+    gpu_check.main(["--smoke", "--out", str(tmp_path / "out"), "--shared", str(shared)])
+    assert ran == ["shared"]
+    with pytest.raises(SystemExit, match="Hugging Face Hub does not answer"):
+        gpu_check.main(["--smoke", "--out", str(tmp_path / "out"), "--shared", str(absent)])
+    assert imdb_shaped.missing_shared(absent) is not None and ran == ["shared"]

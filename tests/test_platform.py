@@ -20,12 +20,14 @@ def kaggle_without_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
-def test_auto_on_kaggle_without_a_gpu_stops_and_says_how_to_turn_it_on(kaggle_without_gpu, monkeypatch):
+def test_auto_on_kaggle_without_a_gpu_stops_and_says_how_to_turn_it_on(
+    kaggle_without_gpu, monkeypatch, fake_gpu
+):
     assert config.platform() == "kaggle"
     with pytest.raises(RuntimeError, match=r"Kaggle .* no gpu\. Turn it on \(Settings -> Accelerator"):
         config.resolve_preset("auto")
     assert config.resolve_preset("offline")[0] == "offline"  # asked for explicitly, it runs
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fake_gpu("Tesla T4", (7, 5), ARCHS_FROM_70)
     monkeypatch.setattr(config, "hub_reachable", lambda *a, **k: False)
     with pytest.raises(RuntimeError, match=r"no internet\. Turn it on \(Settings -> Internet -> on\)"):
         config.resolve_preset("auto")
@@ -43,10 +45,100 @@ def test_colab_is_recognised(monkeypatch):
 
 def test_environment_report_says_what_is_missing_without_the_token(kaggle_without_gpu):
     lines = config.environment_report("hf_verysecret")
-    assert len(lines) == 3 and lines[0].startswith("GPU: none (Settings -> Accelerator")
+    assert len(lines) == 4 and lines[0].startswith("GPU: none (Settings -> Accelerator -> GPU T4 x2")
     assert lines[1].startswith("internet: no Hub (Settings -> Internet")  # tests run with HF_HUB_OFFLINE
     assert lines[2].startswith("HF_TOKEN: found") and "verysecret" not in "".join(lines)
     assert config.environment_report(None)[2].startswith("HF_TOKEN: not set (Kaggle: Add-ons -> Secrets")
+    import peft
+    import transformers
+
+    assert lines[3].startswith(f"versions: torch {torch.__version__} (")
+    for name, module in (("transformers", transformers), ("peft", peft)):
+        assert f"{name} {module.__version__}" in lines[3]
+    assert "accelerate " in lines[3] and "datasets " in lines[3]
+
+
+# torch.cuda.get_arch_list() of real builds: CUDA 12.8 wheels start at sm_70 (no P100), older ones at sm_50
+ARCHS_FROM_70 = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+ARCHS_FROM_50 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+
+
+@pytest.mark.parametrize(
+    "capability, archs, runs",
+    [
+        ((6, 0), ARCHS_FROM_70, False),  # Kaggle's P100 under a build from sm_70: the case to refuse
+        ((6, 0), ARCHS_FROM_50, True),
+        ((7, 5), ARCHS_FROM_70, True),  # T4: its own cubin
+        ((8, 9), ARCHS_FROM_70, True),  # L4: sm_86's cubin (same major, lower minor)
+        ((8, 9), ["sm_80"], True),
+        ((7, 0), ["sm_75"], False),  # a higher minor of the same major does not run on a lower one
+        ((9, 0), ["sm_80", "sm_86"], False),  # cubins never cross a major...
+        ((9, 0), ["sm_80", "compute_80"], True),  # ...PTX is compiled by the driver for any newer card
+        ((8, 0), ["sm_90", "compute_90"], False),  # PTX of a newer architecture does not run on an older one
+        ((12, 0), ["sm_90", "sm_100"], False),
+        ((12, 0), ARCHS_FROM_70, True),  # sm_120 read as major 12, not 1.20
+        ((10, 3), ["sm_100"], True),
+        ((9, 0), ["sm_90a"], True),  # arch-specific cubins: exactly that card
+        ((10, 0), ["sm_90a", "compute_90a"], False),
+        ((7, 5), [], False),  # a CPU build
+    ],
+)
+def test_a_torch_build_runs_on_cards_it_has_kernels_for(capability, archs, runs):
+    assert config.runs_on(capability, archs) is runs
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """fake_gpu(name, capability, archs, count=1): torch.cuda reports that card and that build."""
+
+    def install(name: str, capability: tuple[int, int], archs: list[str], count: int = 1):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(archs))
+
+    return install
+
+
+def test_a_p100_under_a_build_without_its_kernels_is_refused_before_any_compute(fake_gpu, monkeypatch):
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    monkeypatch.setattr(config, "hub_reachable", lambda *a, **k: True)
+    fake_gpu("Tesla P100-PCIE-16GB", (6, 0), ARCHS_FROM_70)
+    for call in (lambda: config.environment_report(None), lambda: config.resolve_preset("auto")):
+        with pytest.raises(RuntimeError) as refused:
+            call()
+        message = str(refused.value)
+        assert "Tesla P100-PCIE-16GB" in message and "6.0" in message and "sm_70" in message
+        assert "use T4 x2 or L4" in message and "Settings -> Accelerator" in message
+    assert config.resolve_preset("imdb")[0] == "imdb"  # asked for explicitly, the notebook's report stops it
+
+
+def test_a_supported_gpu_is_reported_with_its_capability(fake_gpu, monkeypatch):
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    monkeypatch.setattr(config, "hub_reachable", lambda *a, **k: True)
+    fake_gpu("Tesla T4", (7, 5), ARCHS_FROM_70, count=2)
+    lines = config.environment_report("hf_x")
+    assert lines[0].startswith(
+        "GPU: Tesla T4 x2, compute capability 7.5; this torch build has kernels for it"
+    )
+    assert config.resolve_preset("auto")[0] == "imdb"
+    # one unsupported card among the visible ones is enough to stop (the parallel runs use them all)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: [(7, 5), (6, 0)][device])
+    with pytest.raises(RuntimeError, match="use T4 x2 or L4"):
+        config.resolve_preset("auto")
+
+
+def test_no_p100_is_recommended_anywhere():
+    """The code and the notebooks point to T4 x2 or L4 (a P100 does not run current torch builds)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [*root.glob("*.py"), *root.glob("*.ipynb"), *root.glob("bench/*.py")]
+    recommends = re.compile(r"(or|GPU|use|Accelerator ->) P100")
+    assert [f.name for f in files if recommends.search(f.read_text())] == []
+    assert "T4 x2" in config.HOW_TO["kaggle"]["gpu"] and "L4" in config.HOW_TO["kaggle"]["gpu"]
 
 
 def test_pushed_repos_are_created_private(tmp_path, monkeypatch):
