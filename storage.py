@@ -80,8 +80,8 @@ def resolve_store(value: str, token: str | None, where: str) -> tuple[str, str]:
             raise ValueError(
                 "STORE is empty and there is no HF_TOKEN: on Colab each notebook runs in its own session, "
                 "so its results need a store. Mount Google Drive (from google.colab import drive; "
-                f"drive.mount('{DRIVE}')) and set STORE = '{DRIVE}/MyDrive/{REPO_NAME}', or add an HF_TOKEN "
-                "secret (key icon -> Secrets, a write token, notebook access on)"
+                f"drive.mount('{DRIVE}')) and set STORE = '{DRIVE}/MyDrive/{REPO_NAME}-checkpoints', or add "
+                "an HF_TOKEN secret (key icon -> Secrets, a write token, notebook access on)"
             )
         if where == "kaggle":
             return "", (
@@ -105,8 +105,8 @@ def resolve_store(value: str, token: str | None, where: str) -> tuple[str, str]:
     if value.startswith(".") or value.count("/") > 1 or Path(value).exists():
         raise ValueError(
             f"STORE={value!r} is a relative folder, which stays inside this session's working folder: give "
-            f"an absolute folder that outlives the session (Colab: '{DRIVE}/MyDrive/{REPO_NAME}' with Drive "
-            f"mounted) or a Hub repo 'owner/name'"
+            f"an absolute folder that outlives the session (Colab, with Drive mounted: "
+            f"'{DRIVE}/MyDrive/{REPO_NAME}-checkpoints') or a Hub repo 'owner/name'"
         )
     if value.count("/") == 0:
         try:
@@ -323,6 +323,8 @@ class Store:
     def _held(self, paths) -> list[str]:
         """The store's files (Hub) or entries (folder) under the local `paths`."""
         rels = [r for r in (self._rel(p) for p in paths if p) if r is not None]
+        if not rels:
+            return []
         if not self._on_folder:
             return sorted(f for f in self._hub_files() for r in rels if f == r or f.startswith(r + "/"))
         return [r for r in rels if (Path(self.location).expanduser() / r).exists()]

@@ -118,7 +118,7 @@ def test_imdb_path_lora_on_distilbert(tiny_assets, tiny_lora_run):
     folder, text = tiny_lora_run
     m = json.loads((folder / "metrics.json").read_text())
     assert m["preset"] == "imdb" and m["mode"] == "lora" and m["epochs"] == 2
-    assert "is in the store" in text
+    assert "is stored in" in text
     stored = folder.parent.parent / "drive" / "reward_model"
     assert (stored / "metrics.json").read_bytes() == (folder / "metrics.json").read_bytes()
     card = (stored / "README.md").read_text()  # the model card went with it
@@ -226,7 +226,8 @@ def test_a_dead_session_resumes_from_the_store(tiny_assets, tmp_path):
     run(tmp_path / "whole", "whole", PRESET="imdb", CHECKPOINTS="ck", OVERRIDES=overrides)
     work, drive = tmp_path / "dead", tmp_path / "drive"
     work.mkdir()
-    params = {"PRESET": "imdb", "CHECKPOINTS": "ck", "OVERRIDES": overrides, "STORE": str(drive)}
+    every_epoch = {**overrides, "store_progress_minutes": 0}  # each epoch's progress to the store
+    params = {"PRESET": "imdb", "CHECKPOINTS": "ck", "OVERRIDES": every_epoch, "STORE": str(drive)}
     progress = drive / "reward_model_progress" / "progress.pt"
     kill_notebook_when(NOTEBOOK, work, params, progress.exists, timeout=300)
     assert progress.exists() and not (drive / "reward_model" / "metrics.json").exists()

@@ -116,7 +116,7 @@ def test_too_few_prompts_fail_at_once_with_what_to_change(monkeypatch, tmp_path)
     assert len(next(warp.prompt_batches(4, 4, seed=0))) == 4
     # train_run refuses before loading a model
     monkeypatch.setattr(runs, "load_rl_models", lambda *a: pytest.fail("loaded models"))
-    cfg = SimpleNamespace(baseline="none", rloo_k=2, batch_size=8)
+    cfg = SimpleNamespace(baseline="none", rloo_k=2, batch_size=8, save_every=1, mixed_precision="no")
     spec = runs.RunSpec(str(tmp_path / "run"), str(tmp_path / "init.safetensors"), seed=0, steps=1)
     with pytest.raises(ValueError, match="2 prompt"):
         warp.train_run(cfg, spec, [[1, 2], [3, 4]])

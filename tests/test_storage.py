@@ -132,7 +132,7 @@ def test_one_push_is_one_commit_and_the_log_counts_what_was_sent(tmp_path, monke
     folder = storage.Store(str(tmp_path / "drive"), root)
     folder.push(root / "warp" / "merge.json")
     ledger = [json.loads(line) for line in (tmp_path / "drive" / storage.LEDGER).read_text().splitlines()]
-    assert [e["files"] for e in ledger] == [["warp/merge.json"]]  # a folder store keeps a ledger
+    assert [e["added"] for e in ledger] == [["warp/merge.json"]]  # a folder store keeps a ledger
 
 
 def test_progress_is_stored_only_after_the_time_without_a_stored_state(tmp_path):
