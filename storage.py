@@ -243,7 +243,8 @@ class Store:
         return self._files
 
     def _record(self, kind: str, added: list[tuple[str, int]] = (), deleted: list[str] = ()) -> None:
-        """One commit of this session in `log` (and, for a folder store, in its ledger file)."""
+        """One commit of this session in `log` (and, for a folder store, in its ledger file: there the
+        write check and the squash are recorded too, as the commits a Hub repo would get)."""
         entry = {"session": self.session, "time": time.time(), "kind": kind, "added": [f for f, _ in added]}
         entry.update(bytes=sum(n for _, n in added), sizes=[n for _, n in added], deleted=list(deleted))
         self.log.append(entry)
@@ -268,6 +269,7 @@ class Store:
                 raise PermissionError(
                     f"STORE={self.location!r}: cannot write there ({e}); choose another"
                 ) from e
+            self._record("check")
             return f"store: {self.location} is writable"
         try:
             api = self._api()
@@ -388,7 +390,10 @@ class Store:
         """On the Hub, squash the repo's history into one commit, so that files deleted or replaced along
         the way (GBs) stop counting against the account's storage; a folder keeps no history. A failure
         only warns."""
-        if not self or self._on_folder:
+        if not self:
+            return
+        if self._on_folder:
+            self._record("squash")  # nothing to do in a folder; in the ledger, the Hub's commit it stands for
             return
         try:
             self._api().super_squash_history(self.location)

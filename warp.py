@@ -212,11 +212,11 @@ def warp(
     """Algorithm 1 of the WARP paper, every step saved (and kept in the `store`, a `storage.Store`) so that
     a restart, here or in a new session, continues where it stopped.
 
-    Returns the folders of theta_slerp_I (the last merge) and of the final LITI policy, both
-    `save_pretrained`-loadable. `on_event(name, info)` reports each finished "run", "merge", and each
-    iteration found "done" (info["units"]: its runs and merge), e.g. for an overall progress bar.
+    Returns the folders of theta_slerp_I (the last merge) and of the final LITI policy (`save_pretrained`
+    folders). `on_event(name, info)` reports each "run", "merge", and iteration found "done" (its "units").
     """
     out, store = Path(cfg.out_dir), store or storage.Store("", cfg.out_dir)
+    on_event = on_event or (lambda kind, info: None)
     prompt_batches(len(prompts), prompts_per_batch(cfg), cfg.seed)  # fails now if not one batch fits
     stage = runs.Stage(cfg, "warp", store)
     paths = {"slerp": out / "final_slerp", "liti": out / "final_liti"}
@@ -227,8 +227,7 @@ def warp(
         it, next_init = out / f"iter{i}", out / f"iter{i + 1}" / "init.safetensors"
         stage.pull(it / "merge.json", *(it / f"run{m}" / "metrics.json" for m in range(cfg.runs)))  # plots
         if finished or stage.holds(next_init):  # this iteration is done (in this session or an earlier one)
-            if on_event is not None:
-                on_event("done", {"iteration": i, "units": cfg.runs + 1})
+            on_event("done", {"iteration": i, "units": cfg.runs + 1})
             continue
         init_path = it / "init.safetensors" if i else None  # iteration 0 starts from the SFT itself
         stage.pull(init_path)
@@ -238,8 +237,8 @@ def warp(
             for m in range(cfg.runs)
         ]
         todo = [s for s in specs if not runs.run_finished(s.run_dir)]  # one after another, or one per GPU
-        report = (lambda job: on_event("run", {"run_dir": job[1].run_dir})) if on_event else None
-        for done in [s for s in specs if s not in todo] if report else []:
+        report = lambda job: on_event("run", {"run_dir": job[1].run_dir})
+        for done in [s for s in specs if s not in todo]:
             report((cfg, done))  # finished in an earlier session
         runs.run_parallel(train_run, [(cfg, s, prompts, store) for s in todo], processes, on_done=report)
         # Alg. 1, line 10: theta_slerp <- slerp(theta_init, {theta_m}, lambda = 1/M)
@@ -255,12 +254,11 @@ def warp(
         checkpoints.atomic_write_text(it / "merge.json", checkpoints.to_json(info))
         # Alg. 1, line 11: theta_init <- (1 - eta) * theta_init + eta * theta_slerp
         checkpoints.save_state(utils.liti(init, merged, cfg.eta), next_init)
-        # the next init is stored: the runs' finals and this init are needed no more (the last SLERP is)
-        last = i == cfg.iterations - 1
-        done_with = [*finals, init_path, None if last else it / "slerp.safetensors"]
-        stage.keep(it / "slerp.safetensors", next_init, it / "merge.json", then_discard=done_with)
-        if on_event is not None:
-            on_event("merge", info)
+        # the next start stored, what only this merge needed goes (the last merge: with the final folders)
+        if i < cfg.iterations - 1:
+            done_with = [*finals, init_path, it / "slerp.safetensors"]
+            stage.keep(next_init, it / "merge.json", then_discard=done_with)
+        on_event("merge", info)
     if not finished:
         # Alg. 1, line 12: return theta_slerp_I (and the LITI policy, the start of a next iteration)
         states = {
@@ -273,8 +271,10 @@ def warp(
                 utils.load_state(sft, checkpoints.load_state_file(state_file))
                 extra = {"kind": name, **cfg.to_dict()}
                 checkpoints.save_pretrained_atomic(sft, tokenizer, paths[name], extra=extra)
-        # the final folders hold these two states: no second copy, here or in the store
-        if stage.keep(*paths.values(), then_discard=states.values()) or not store:
+        # the final folders hold these two states, and the last runs' finals are needed no more
+        last = out / f"iter{cfg.iterations - 1}"
+        done_with = [*states.values(), last / "init.safetensors", *last.glob("run*/final.safetensors")]
+        if stage.keep(*paths.values(), last / "merge.json", then_discard=done_with) or not store:
             for state_file in states.values():
                 state_file.unlink(missing_ok=True)
             if states["liti"].parent.exists() and not any(states["liti"].parent.iterdir()):

@@ -60,7 +60,7 @@ def kind(path: str) -> str | None:
     name, parts = path.rsplit("/", 1)[-1], path.split("/")
     if name in STATE_FILES:
         return "state"
-    if name.startswith("progress"):
+    if name.startswith("progress") and name.endswith(".pt"):
         return "progress"
     if parts[0] == "reward_model":
         return "reward_model"
@@ -86,7 +86,7 @@ def replay(ledger: list[dict], sizes: dict | None) -> list[dict]:
                     del held[f]
         added = [f for e in commits for f in e["added"]]
         row = {"commits": len(commits), "files": len(added), "uploaded": sent, "held": sum(held.values())}
-        out.append({**row, "progress": sum("progress" in f for f in added)})
+        out.append({**row, "progress": sum(f.rsplit("/", 1)[-1].startswith("progress") for f in added)})
     return out
 
 
