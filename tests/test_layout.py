@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"utils", "sampling", "config", "checkpoints", "runs", "warp", "evaluation", "offline"}
+OURS = {"utils", "sampling", "config", "checkpoints", "runs", "warp", "evaluation", "offline", "limits"}
 # who may import whom: notebooks -> warp -> utils; runs, checkpoints and config beside; evaluation for 02-04
 ALLOWED = {
     "utils": set(),
@@ -19,6 +19,7 @@ ALLOWED = {
     "warp": {"utils", "sampling", "runs", "checkpoints", "config"},
     "evaluation": {"utils", "sampling", "config"},
     "offline": {"utils"},
+    "limits": {"utils", "checkpoints", "evaluation"},
 }
 
 
