@@ -41,11 +41,11 @@ def _scores_by_prompt(samples) -> np.ndarray:
     return ordered["score"].to_numpy(np.float64).reshape(len(counts), int(counts.iloc[0]))
 
 
-def default_betas(scores: np.ndarray, points: int = 49) -> np.ndarray:
-    """Log-spaced betas from 1e-3 to 1e2 times the within-prompt reward spread: the KL of pi_beta then runs
-    from ~0 (beta large: the weights stay ~uniform) to ~log N (beta small: all weight on the best sample)."""
+def default_betas(scores: np.ndarray, points: int = 36) -> np.ndarray:
+    """Log-spaced betas from 10^1.5 down to 1e-2 times the within-prompt reward spread (std): the KL of
+    pi_beta then runs from ~0 (beta large: weights ~uniform) to ~log N (beta small: all on the best)."""
     spread = float(np.sqrt(scores.var(axis=1).mean())) or 1.0
-    return spread * np.logspace(2, -3, points)
+    return spread * np.logspace(1.5, -2, points)
 
 
 def tilted_optimum(scores: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,7 +88,10 @@ def limit_curves(
     optimum: the KL estimate is that of the reweighted sample, bounded by log N however far pi_beta
     really is from pi_sft, and it is dominated by few samples when the effective sample size
     1 / sum w_i^2 is small. `ess` is the median over prompts (a typical prompt), `ess_min` the smallest.
-    A point is `reliable` when its KL <= log N - `kl_margin` and its `ess` >= `min_ess`.
+    A point is `reliable` when its KL <= log N - `kl_margin` and its `ess` >= `min_ess`. The estimated KL
+    falls short of pi_beta's true KL as the ESS falls, but the (KL, reward) pair stays near the true
+    frontier, a little below it: with Gaussian rewards and N = 256, 0.04 sd below at ESS 17 (KL 1.9) and
+    0.07 sd at ESS 9 (KL 2.6); with bounded (uniform) rewards within 0.001 sd up to KL 2.9.
 
     best_of_n (n = 1, 2, 4, ... <= N): the exact expectation of the max of n draws without replacement
     from each prompt's N samples, sum_k r_(k) C(k-1, n-1) / C(N, n) with r sorted ascending. That is the
@@ -124,7 +127,8 @@ def gap_to_limit(limit_curve, kl, score, curve: str = "optimum"):
     The curve's score at `kl` is the linear interpolation between its two neighbouring points (sorted by
     KL) that bracket `kl`, and only when both are reliable; elsewhere (outside the reliable range, or
     across an unreliable point) the gap is NaN: never extrapolated. `limit_curve` is `limit_curves`' frame
-    (its `curve` rows are used) or one curve of it.
+    (its `curve` rows are used) or one curve of it. The estimated optimum sits slightly below the true one
+    (`limit_curves`), so a gap a little above 0 is estimation error, not a policy beating the optimum.
     """
     part = limit_curve[limit_curve["curve"] == curve] if "curve" in limit_curve else limit_curve
     part = part.sort_values("kl", kind="stable")

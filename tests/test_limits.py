@@ -96,6 +96,22 @@ def test_default_grid_spans_kl_from_zero_to_log_n_and_flags_the_unreliable_end()
     assert (opt["ess_min"] <= opt["ess"]).all()
 
 
+def test_reliable_points_lie_near_the_true_frontier_for_gaussian_rewards():
+    """r ~ N(0, 1): pi_beta is N(1 / beta, 1), so the best reward at KL k is sqrt(2 k). At every point
+    flagged reliable (N = 256, 64 prompts) the curve is within 0.1 of that and not above it by more
+    than noise; flagging on KL alone (ESS ignored) would admit points 0.2 or more below it."""
+    n, prompts = 256, 64
+    df = pd.DataFrame({"prompt": np.repeat(np.arange(prompts), n)})
+    df["score"] = np.random.default_rng(2).normal(size=len(df))
+    opt = limits.limit_curves(df, betas=np.geomspace(3.0, 0.1, 30))
+    opt = opt[opt["curve"] == "optimum"]
+    err = opt["score"] - np.sqrt(2 * opt["kl"])
+    assert opt["reliable"].sum() >= 10
+    assert (err[opt["reliable"]].abs() < 0.1).all() and (err[opt["reliable"]] < 0.03).all()
+    kl_only = opt["kl"] <= math.log(n) - 1
+    assert err[kl_only].min() < -0.2
+
+
 def test_unequal_samples_per_prompt_are_refused():
     df = pd.DataFrame({"prompt": [0, 0, 1], "score": [0.0, 1.0, 2.0]})
     with pytest.raises(ValueError, match="same number of samples"):
