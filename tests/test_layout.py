@@ -11,9 +11,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"utils", "sampling", "config", "checkpoints", "storage", "runs", "warp", "evaluation", "offline"}
+OURS = {
+    "utils",
+    "sampling",
+    "config",
+    "checkpoints",
+    "storage",
+    "runs",
+    "warp",
+    "evaluation",
+    "offline",
+    "limits",
+}
 # who may import whom: notebooks -> warp -> utils; runs, checkpoints, storage and config beside; evaluation
-# for 02-04; the sampler uses utils' LM head (float32 logits), as the log-prob passes do
+# (and the testbed's limits) for 02-04; the sampler uses utils' LM head (float32 logits), as the log-probs do
 ALLOWED = {
     "utils": set(),
     "sampling": {"utils"},
@@ -24,6 +35,7 @@ ALLOWED = {
     "warp": {"utils", "sampling", "runs", "checkpoints", "storage", "config"},
     "evaluation": {"utils", "sampling", "config"},
     "offline": {"utils"},
+    "limits": {"utils", "checkpoints", "evaluation"},
 }
 
 

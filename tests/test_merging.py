@@ -522,3 +522,80 @@ def test_slerp_of_two_is_symmetric_and_of_three_depends_on_the_order():
     assert float(abc @ e3.double()) == pytest.approx(0.5, abs=1e-4)  # e3 folded in last
     assert float(cab @ e3.double()) == pytest.approx(math.sin(math.pi / 3) / math.sqrt(2), abs=1e-4)
     assert (abc - cab).norm() > 0.1
+
+
+# ------------------------------------------------------------------------------------------------------
+# Task-vector geometry: the flat angle and the norms of the SLERP and LERP merges
+# ------------------------------------------------------------------------------------------------------
+
+
+def _split(v: torch.Tensor, sizes: list[int]) -> dict[str, torch.Tensor]:
+    """A flat vector cut into named tensors t0, t1, ... of the given sizes."""
+    return {f"t{i}": part.clone() for i, part in enumerate(torch.split(v, sizes))}
+
+
+@pytest.mark.parametrize("degrees", [30.0, 90.0, 150.0])
+def test_task_vector_geometry_of_two_equal_norm_task_vectors(degrees):
+    """Equal-norm task vectors at Omega in every tensor: the flat angle is Omega, SLERP keeps the norm
+    (ratio 1), LERP shrinks it to cos(Omega / 2) (0.707 at 90 degrees)."""
+    sizes = [24, 24, 16]
+    d1, d2 = zip(*(at_angle(degrees, dim=s, seed=i) for i, s in enumerate(sizes)), strict=True)
+    init = _split(torch.full((64,), 2.0), sizes)
+    pols = [{k: init[k] + d[i] for i, k in enumerate(init)} for d in (d1, d2)]
+    got = utils.task_vector_geometry(init, pols)
+    assert got["angle/flat"] == pytest.approx(degrees, abs=0.01)
+    assert got["norm_ratio/slerp"] == pytest.approx(1.0, abs=1e-5)
+    assert got["norm_ratio/lerp"] == pytest.approx(math.cos(math.radians(degrees) / 2), abs=1e-5)
+
+
+def test_flat_angle_weights_tensors_by_size_unlike_the_per_tensor_mean():
+    """A large tensor whose task vectors are 2 degrees apart and a small one where they are orthogonal:
+    the flat angle is small (the large tensor dominates), the mean of per-tensor angles about 46 degrees,
+    so computing one where the other is asked fails."""
+    big1, big2 = at_angle(2.0, dim=1000, seed=1)
+    small1, small2 = at_angle(90.0, dim=10, seed=2)
+    init = {"big": torch.zeros(1000), "small": torch.zeros(10)}
+    pols = [{"big": 10.0 * big1, "small": 0.1 * small1}, {"big": 10.0 * big2, "small": 0.1 * small2}]
+    flat = utils.task_vector_geometry(init, pols)["angle/flat"]
+    a, b = torch.cat([10.0 * big1, 0.1 * small1]).double(), torch.cat([10.0 * big2, 0.1 * small2]).double()
+    assert flat == pytest.approx(angle_deg(a, b), abs=1e-3) and flat < 3.0
+    mean = utils.angle_summary(utils.task_vector_angles(init, pols))["angle/mean"]
+    assert mean == pytest.approx(46.0, abs=0.01)
+
+
+def test_task_vector_geometry_counts_tied_weights_once_and_uses_a_given_merge(make_gpt2):
+    """GPT-2's tied wte/lm_head enters the flat vectors once: the angle equals the one over the model's
+    distinct parameters, where wte's task vectors are orthogonal and every other tensor's identical (a
+    second copy of wte would change it). A given `merged` is the one measured."""
+    model = make_gpt2(seed=0)
+    init = utils.state_of(model)
+    g = torch.Generator().manual_seed(3)
+    shared = {k: 0.01 * torch.randn(v.shape, generator=g) for k, v in init.items()}
+    wte = init["transformer.wte.weight"]
+    e1, e2 = orthonormal(2, dim=wte.numel(), seed=4)
+    pols = []
+    for e in (e1, e2):
+        pol = {
+            k: v + shared[k] for k, v in init.items() if k not in ("transformer.wte.weight", "lm_head.weight")
+        }
+        pol["transformer.wte.weight"] = pol["lm_head.weight"] = wte + e.reshape(wte.shape)
+        pols.append(pol)
+    names = [n for n, _ in model.named_parameters()]  # distinct parameters: the tied one once
+    flat = [torch.cat([(p[n] - init[n]).double().flatten() for n in names]) for p in pols]
+    got = utils.task_vector_geometry(init, pols)
+    assert got["angle/flat"] == pytest.approx(angle_deg(*flat), abs=1e-3)
+    twice = [
+        torch.cat([f, (p["lm_head.weight"] - wte).double().flatten()])
+        for f, p in zip(flat, pols, strict=True)
+    ]
+    assert abs(angle_deg(*twice) - angle_deg(*flat)) > 1.0  # the test can tell
+    assert utils.task_vector_geometry(init, pols, merged=init)["norm_ratio/slerp"] == 0.0
+
+
+def test_task_vector_geometry_zero_task_vector_is_nan_and_one_policy_refused():
+    init = {"w": torch.zeros(4), "i": torch.arange(4)}
+    pols = [{"w": torch.zeros(4), "i": torch.arange(4)}, {"w": torch.ones(4), "i": torch.arange(4)}]
+    got = utils.task_vector_geometry(init, pols)
+    assert math.isnan(got["angle/flat"]) and got["norm_ratio/lerp"] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        utils.task_vector_geometry(init, pols[:1])
