@@ -423,10 +423,17 @@ class EvalConfig(ConfigBase):
     compile_generation: bool = False
     """Sample with the compiled decode step, as `WarpConfig.compile_generation` (every model compared the
     same way: the draws of the two loops agree up to rounding, not bit for bit)."""
+    limit_samples: int = 256
+    """SFT completions per prompt for the testbed's limit on the Pareto plot (`limits.py`: the best reward
+    any policy can have at each KL, and best-of-n), computed once and cached; reliable up to a KL of about
+    log(limit_samples) - 1. 0 = none."""
 
     PRESET_DEFAULTS = {
         "imdb": {},
-        "offline": dict(n_prompts=64, prompt_tokens=8, samples_per_prompt=2, max_new_tokens=32),
+        # the limit from 64 samples a prompt: reliable to a KL of about 3, in minutes on 2 cores
+        "offline": dict(
+            n_prompts=64, prompt_tokens=8, samples_per_prompt=2, max_new_tokens=32, limit_samples=64
+        ),
     }
 
     def __post_init__(self):
@@ -435,6 +442,7 @@ class EvalConfig(ConfigBase):
         self._require(self.preset in PRESETS, "preset", f"one of {PRESETS}")
         self._require_positive("n_prompts", "prompt_tokens", "samples_per_prompt", "max_new_tokens")
         self._require_positive("temperature", "batch_size")
+        self._require(self.limit_samples == 0 or self.limit_samples >= 2, "limit_samples", "0 (none) or >= 2")
         self._require(all(0 <= e <= 1 for e in self.etas) and len(self.etas) > 0, "etas", "values in [0, 1]")
 
 

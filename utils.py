@@ -203,12 +203,6 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def entropy(logits: Tensor) -> Tensor:
-    """(B, L) entropy of the categorical distribution at each position."""
-    logp = logits.log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 # --- Rewards ------------------------------------------------------------------------------------------
 
 
@@ -485,6 +479,17 @@ def task_vector_geometry(
         "angle/flat": math.degrees(math.acos(max(-1.0, min(1.0, cos)))) if cos == cos else nan,
         "norm_ratio/slerp": math.sqrt(slerp_sq) / mean_norm if mean_norm > 0 else nan,
         "norm_ratio/lerp": math.sqrt(lerp_sq) / mean_norm if mean_norm > 0 else nan,
+    }
+
+
+def merge_diagnostics(init: dict[str, Tensor], policies: list[dict[str, Tensor]], merged) -> dict[str, float]:
+    """What a merge's merge.json records: `angle_summary` of the per-tensor angles and `task_vector_geometry`
+    (flat angle, SLERP's and LERP's norm ratios); nothing for a single run."""
+    if len(policies) < 2:
+        return {}
+    return {
+        **angle_summary(task_vector_angles(init, policies)),
+        **task_vector_geometry(init, policies, merged),
     }
 
 

@@ -248,8 +248,7 @@ def warp(
         policies = [checkpoints.load_state_file(f) for f in finals]
         merged = utils.slerp(init, policies)
         runs.check_finite_state(merged, f"the SLERP merge of iteration {i}")
-        angles = utils.angle_summary(utils.task_vector_angles(init, policies)) if cfg.runs > 1 else {}
-        info = {"iteration": i, **angles}
+        info = {"iteration": i, **utils.merge_diagnostics(init, policies, merged)}  # angles, norm ratios
         checkpoints.save_state(merged, it / "slerp.safetensors")
         checkpoints.atomic_write_text(it / "merge.json", checkpoints.to_json(info))
         # Alg. 1, line 11: theta_init <- (1 - eta) * theta_init + eta * theta_slerp

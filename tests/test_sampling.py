@@ -306,7 +306,8 @@ def test_masked_sum_mean_and_entropy():
     assert utils.masked_sum(x, mask).tolist() == [3.0, 3.0]
     assert utils.masked_mean(x, mask).item() == pytest.approx(2.0)
     assert utils.masked_mean(x, torch.zeros_like(mask)).item() == 0.0  # no NaN on an empty mask
-    ent = utils.entropy(torch.stack([torch.zeros(5), torch.tensor([100.0, 0, 0, 0, 0])]))
+    logits = torch.stack([torch.zeros(5), torch.tensor([100.0, 0, 0, 0, 0])])[None]  # (1, 2, 5)
+    ent = utils.token_logprobs_and_entropy(logits, torch.zeros(1, 2, dtype=torch.long))[1][0]
     assert ent[0].item() == pytest.approx(math.log(5)) and ent[1].item() == pytest.approx(0.0, abs=1e-6)
 
 

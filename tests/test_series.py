@@ -78,7 +78,7 @@ def test_generation_eval_notebook(series):
     work, ck, _, _ = series
     run_notebook(
         "03_generation_eval", work, PRESET="offline", CHECKPOINTS=str(ck), STORE=str(work / "store"),
-        OVERRIDES={"n_prompts": 16, "etas": [0.0, 0.5, 1.0]},
+        OVERRIDES={"n_prompts": 16, "etas": [0.0, 0.5, 1.0], "limit_samples": 16},
     )  # fmt: skip
     results = pd.read_csv(ck / "eval" / "results.csv", index_col=0)
     assert set(results.index) == {"SFT", "WARP (slerp)", "WARP (liti)", "REINFORCE"}
@@ -101,6 +101,12 @@ def test_generation_eval_notebook(series):
         assert paired.loc[(f"{name} - SFT", "score"), "mean"] == pytest.approx(diff, abs=1e-6)
         assert (f"{name} - SFT", "ref_nll") in paired.index
     assert ("WARP front - REINFORCE, at REINFORCE's KL", "score") in paired.index
+    # the testbed's limit: the optimum's curve starts at the SFT (beta large: KL ~0, the SFT's own reward)
+    limit = pd.read_csv(ck / "eval" / "limit.csv")
+    optimum = limit[limit["curve"] == "optimum"].sort_values("kl")
+    assert optimum["kl"].iloc[0] < 0.05 and (limit["kl"] <= math.log(16) + 1e-9).all()
+    assert "gap_to_limit" in results  # NaN where the limit of 16 samples is not reliable (most KLs here)
+    assert (results["gap_to_limit"].dropna() < 0.5).all()  # no model far above the best any policy can do
 
 
 def test_mu_sweep_notebook_reuses_training_and_skips_finished(series):
