@@ -182,3 +182,25 @@ def test_01_says_stored_only_for_what_the_store_confirmed(tmp_path):
             exec(compile(code, "01-last-cell", "exec"), scope)
         assert said in printed.getvalue()
         assert ("is stored in" in printed.getvalue()) == ok
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", ["warp-imdb", "./store"])
+def test_a_notebook_refuses_a_bad_store_before_any_training(tmp_path, bad):
+    """01 with a STORE that is neither owner/name nor an absolute folder stops in its config cell, with the
+    fix, before any model loads: no progress, no reward model, nothing in the folder it names."""
+    import papermill
+
+    from tests import tiny
+    from tests.notebook import run_notebook
+
+    overrides = {
+        "reward_base": tiny.save_tiny_reward(tmp_path / "rm", arch="distilbert"),
+        "data": tiny.save_tiny_reviews(tmp_path / "data"),
+        **dict(epochs=1, batch_size=4, batches_per_epoch=2, val_pairs=8, eval_batch_size=8, max_length=64),
+    }
+    with pytest.raises(papermill.PapermillExecutionError, match=r"STORE='.*'.*(owner/name|absolute folder)"):
+        run_notebook(
+            "01_reward_model", tmp_path, PRESET="imdb", CHECKPOINTS="ck", OVERRIDES=overrides, STORE=bad
+        )
+    assert not (tmp_path / "ck").exists() and not (tmp_path / bad).exists()
