@@ -76,8 +76,9 @@ class RunFiles:
     what it saves after a step, and what it leaves when it ends (`warp.train_run` calls these).
 
     A run saves a progress checkpoint every `save_every` steps on the local disk; the store gets one only
-    when the run has gone `store.progress_minutes` without a stored state (`Store.push_progress`), and
-    gets the final state and metrics in one commit at the end, when the progress is deleted everywhere.
+    when the run has gone `store.progress_minutes` without a stored state (`Store.push_progress`, with
+    the snapshots made before it), and gets the final state, the snapshots and the metrics in one commit
+    at the end, when the progress is deleted everywhere.
     """
 
     def __init__(self, spec: RunSpec, store, save_every: int):
@@ -88,6 +89,7 @@ class RunFiles:
         self.final = self.dir / (f"step{spec.steps:05d}" if self.last_is_snapshot else "final.safetensors")
         self.since = time.time()  # when this run's last stored state was made (its start in this session)
         self.progress_stored = False  # whether the store holds the latest progress checkpoint
+        self.unstored: list[Path] = []  # snapshots not in the store yet (a resume needs those before it)
 
     def finished(self) -> bool:
         """True when the run's final weights and metrics are here (pulled from the store if need be)."""
@@ -104,20 +106,20 @@ class RunFiles:
              mixed_precision: str) -> None:  # fmt: skip
         """After step `step` (an applied update): a `save_pretrained` snapshot at the run's save points
         (stored), and every `save_every` steps a progress checkpoint (stored by the time rule)."""
-        if step in self.spec.save_points:
+        if step in self.spec.save_points:  # stored with the next stored progress, or when the run ends
             snapshot = self.dir / f"step{step:05d}"
             unwrapped = accelerator.unwrap_model(policy)
             checkpoints.save_pretrained_atomic(unwrapped, tokenizer, snapshot, extra={"step": step})
-            self.store.push(snapshot)
+            self.unstored.append(snapshot)
         if step % self.save_every or step >= self.spec.steps:
             return
         if self.progress_stored:  # the store has the last one: free its 4 model states' worth of disk first
             self.progress.unlink(missing_ok=True)
         save_run(self.progress, accelerator, policy, anchor, optimizer, scheduler, step, history,
                  mixed_precision)  # fmt: skip
-        self.progress_stored = self.store.push_progress(self.progress, self.since)
+        self.progress_stored = self.store.push_progress(self.progress, self.since, *self.unstored)
         if self.progress_stored:  # the store has the latest: the local fallback copy is not needed
-            self.since = time.time()
+            self.since, self.unstored = time.time(), []
             checkpoints.previous(self.progress).unlink(missing_ok=True)
 
     def finish(self, state: dict | None, history: list) -> Path:
@@ -129,7 +131,7 @@ class RunFiles:
         # one commit: the final state (unless it is the last snapshot, stored already), the metrics, and
         # the deletion of a stored progress checkpoint (this session's or an earlier one's)
         final = [] if self.last_is_snapshot else [self.final]
-        self.store.push(*final, self.done, delete=[self.progress])
+        self.store.push(*final, *self.unstored, self.done, delete=[self.progress])
         self.progress.unlink(missing_ok=True)
         checkpoints.previous(self.progress).unlink(missing_ok=True)
         return self.final
@@ -175,7 +177,7 @@ def continue_as_started(cfg, saved_config: str | Path, fields: list[str] | tuple
 def claim_out_dir(cfg, folder: str | Path | None = None, store=None) -> Path:
     """Record `cfg` in `folder/config.json` (default `cfg.out_dir`), first checking that results already
     there, or in the checkpoint `store`, used the same settings (else a restart would silently continue
-    old runs under new settings); the record goes to the store too."""
+    old runs under new settings); the record goes to the store with the next commit."""
     folder = Path(folder if folder is not None else cfg.out_dir)
     path = folder / "config.json"
     if store is not None:
@@ -192,8 +194,8 @@ def claim_out_dir(cfg, folder: str | Path | None = None, store=None) -> Path:
             )
     before = path.read_text() if path.exists() else None
     cfg.save(path)
-    if store is not None and (path.read_text() != before or not store.holds(path)):  # else no commit
-        store.push(path)
+    if store is not None and (path.read_text() != before or not store.holds(path)):
+        store.later(path)  # with the first results it describes, not in a commit of its own
     return path
 
 
@@ -234,7 +236,7 @@ def record_minutes(out_dir: str | Path, key: str, start: float) -> None:
 class Stage:
     """The files of one stage (02's WARP or its REINFORCE baseline, one mu of 04) here and in the store: it
     claims its folder (`claim_out_dir`), pulls what a step needs, keeps what a step made (one commit) and
-    then discards what no later step needs, and at its end records its minutes and squashes the store."""
+    then discards what no later step needs, and at its end records its minutes."""
 
     def __init__(self, cfg, name: str, store, folder: str | Path | None = None):
         self.name, self.store, self.start = name, store, time.time()
@@ -259,11 +261,14 @@ class Stage:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         return stored
 
-    def end(self) -> None:
-        """Add this session's minutes to `timing.json`, store it, and squash the store's history."""
+    def end(self, *paths, then_discard=()) -> bool:
+        """Add this session's minutes to `timing.json` and `keep` it with `paths` (without paths, with the
+        next commit); the notebook squashes the store's history at its own end."""
         record_minutes(self.out, self.name, self.start)
-        self.store.push(self.out / "timing.json")
-        self.store.squash()
+        if not paths:
+            self.store.later(self.out / "timing.json")
+            return False
+        return self.keep(*paths, self.out / "timing.json", then_discard=then_discard)
 
 
 def check_reward_model(reward_model: nn.Module, tokenizer, texts: list[str], source: str) -> None:

@@ -203,6 +203,7 @@ class Store:
                  progress_minutes: float = PROGRESS_MINUTES, inputs: list[Path] | None = None):  # fmt: skip
         self.location, self.root, self.token = location, Path(root), token
         self.progress_minutes, self.inputs, self.log = progress_minutes, list(inputs or []), []
+        self._later: list[Path] = []  # small records that ride along with the next commit (`later`)
         self.session = f"{time.time():.0f}-{os.getpid()}"  # tells this session's commits in the ledger
         if location and not self._on_folder and not token:
             _checked_repo(location, token, "")  # raises: a Hub repo needs a token
@@ -287,16 +288,21 @@ class Store:
         self.__dict__.pop("_files", None)
         return f"store: {self.location} is writable (private Hub repo)"
 
+    def later(self, *paths: str | Path) -> None:
+        """Store small records (a config, a timing) with the next commit instead of one of their own: the
+        Hub counts commits, and a record matters only beside the results it describes."""
+        self._later += [Path(p) for p in paths if Path(p) not in self._later]
+
     def push(self, *paths: str | Path, delete=()) -> bool:
         """Copy files or folders (under `root`) into the store and remove `delete` from it, all in one
-        commit (a folder replaces the store's copy whole; on the Hub the commit is atomic, so what is
-        deleted goes only with what replaces it). True only when there is a store and every path that
-        exists reached it; a failure warns (the local copy is intact and a later push carries it), so a
-        caller says "stored" only on True."""
+        commit with the records waiting for one (`later`) (a folder replaces the store's copy whole; on
+        the Hub the commit is atomic, so what is deleted goes only with what replaces it). True only when
+        there is a store and every path that exists reached it; a failure warns (the local copy is intact
+        and a later push carries it), so a caller says "stored" only on True."""
         if not self:
             return False
-        items, outside = [], False
-        for path in map(Path, paths):
+        items, outside, waiting = [], False, [p for p in self._later if p not in map(Path, paths)]
+        for path in map(Path, [*paths, *waiting]):
             rel = self._rel(path)
             if rel is None:
                 warnings.warn(f"{path} is outside {self.root}: not pushed to the store", stacklevel=2)
@@ -320,6 +326,7 @@ class Store:
             )
             return False
         self._record("commit", [(rel, f.stat().st_size) for f, rel in files], gone)
+        self._later = []
         return not outside
 
     def _held(self, paths) -> list[str]:
@@ -356,13 +363,14 @@ class Store:
             target = base / rel
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
-    def push_progress(self, path: str | Path, since: float) -> bool:
-        """Push a run's progress checkpoint only when more than `progress_minutes` have passed since
-        `since` (the `time.time()` of the run's last stored state, or of its start in this session); it
-        replaces the one before at the same place. True when pushed (the caller's new `since`)."""
+    def push_progress(self, path: str | Path, since: float, *also: str | Path) -> bool:
+        """Push a run's progress checkpoint (with `also`, what a resume from it needs, e.g. the snapshots
+        before it) only when more than `progress_minutes` have passed since `since` (the `time.time()` of
+        the run's last stored state, or of its start in this session); it replaces the one before at the
+        same place. True when pushed (the caller's new `since`)."""
         if not self or (time.time() - since) / 60 < self.progress_minutes:
             return False
-        return self.push(path)
+        return self.push(path, *also)
 
     def holds(self, path: str | Path) -> bool:
         """True when the store has `path` (a local path under `root`): a file, or a folder with files."""
@@ -387,11 +395,13 @@ class Store:
         self.push(delete=paths)
 
     def squash(self) -> None:
-        """On the Hub, squash the repo's history into one commit, so that files deleted or replaced along
-        the way (GBs) stop counting against the account's storage; a folder keeps no history. A failure
-        only warns."""
+        """At a notebook's end: commit the records still waiting (`later`), then, on the Hub, squash the
+        repo's history into one commit, so that files deleted or replaced along the way (GBs) stop
+        counting against the account's storage; a folder keeps no history. A failure only warns."""
         if not self:
             return
+        if self._later:  # the records waiting for a commit go first
+            self.push()
         if self._on_folder:
             self._record("squash")  # nothing to do in a folder; in the ledger, the Hub's commit it stands for
             return

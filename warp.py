@@ -273,12 +273,11 @@ def warp(
         # the final folders hold these two states, and the last runs' finals are needed no more
         last = out / f"iter{cfg.iterations - 1}"
         done_with = [*states.values(), last / "init.safetensors", *last.glob("run*/final.safetensors")]
-        if stage.keep(*paths.values(), last / "merge.json", then_discard=done_with) or not store:
+        if stage.end(*paths.values(), last / "merge.json", then_discard=done_with) or not store:
             for state_file in states.values():
                 state_file.unlink(missing_ok=True)
             if states["liti"].parent.exists() and not any(states["liti"].parent.iterdir()):
                 states["liti"].parent.rmdir()  # iter{I}/ held only that state
-        stage.end()
     return paths
 
 

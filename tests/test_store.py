@@ -177,9 +177,15 @@ class FakeHub:
                 hub.commits.append(("create", repo_id, kw))
 
             def create_commit(self, repo_id, operations, commit_message=""):
-                hub.commits.append(("commit", [op.path_in_repo for op in operations]))
+                from huggingface_hub import CommitOperationDelete
+
+                added = [op.path_in_repo for op in operations if not isinstance(op, CommitOperationDelete)]
+                hub.commits.append(("commit", added))
                 for op in operations:
-                    hub.files[op.path_in_repo] = Path(op.path_or_fileobj).read_bytes()
+                    if isinstance(op, CommitOperationDelete):
+                        hub.files.pop(op.path_in_repo)
+                    else:
+                        hub.files[op.path_in_repo] = Path(op.path_or_fileobj).read_bytes()
 
             def upload_file(self, path_or_fileobj, path_in_repo, repo_id, **kw):
                 if hub.read_only:
