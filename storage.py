@@ -204,6 +204,7 @@ class Store:
         self.location, self.root, self.token = location, Path(root), token
         self.progress_minutes, self.inputs, self.log = progress_minutes, list(inputs or []), []
         self._later: list[Path] = []  # small records that ride along with the next commit (`later`)
+        self._dropped = False  # whether this session deleted or replaced files (that a squash would free)
         self.session = f"{time.time():.0f}-{os.getpid()}"  # tells this session's commits in the ledger
         if location and not self._on_folder and not token:
             _checked_repo(location, token, "")  # raises: a Hub repo needs a token
@@ -318,7 +319,9 @@ class Store:
         if not items and not gone:
             return not outside
         try:
+            replaced = bool(gone) or any(self._held([self.root / rel]) for _, rel in files)
             self._commit(items, files, gone)
+            self._dropped |= replaced
         except Exception as e:
             warnings.warn(
                 f"could not push {', '.join(map(str, paths))} to {self.location} ({type(e).__name__}: {e})",
@@ -395,13 +398,15 @@ class Store:
         self.push(delete=paths)
 
     def squash(self) -> None:
-        """At a notebook's end: commit the records still waiting (`later`), then, on the Hub, squash the
-        repo's history into one commit, so that files deleted or replaced along the way (GBs) stop
+        """At a notebook's end: commit the records still waiting (`later`), then, on the Hub, if this session
+        deleted or replaced files, squash the repo's history into one commit, so that they (GBs) stop
         counting against the account's storage; a folder keeps no history. A failure only warns."""
         if not self:
             return
         if self._later:  # the records waiting for a commit go first
             self.push()
+        if not self._dropped:  # nothing deleted or replaced: the history holds nothing to free
+            return
         if self._on_folder:
             self._record("squash")  # nothing to do in a folder; in the ledger, the Hub's commit it stands for
             return
