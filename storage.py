@@ -320,6 +320,9 @@ class Store:
             return not outside
         try:
             replaced = bool(gone) or any(self._held([self.root / rel]) for _, rel in files)
+        except Exception:  # the listing is bookkeeping: if it fails, squash at the end to be safe
+            replaced = True
+        try:
             self._commit(items, files, gone)
             self._dropped |= replaced
         except Exception as e:

@@ -153,6 +153,9 @@ def test_pushed_repos_are_created_private(tmp_path, monkeypatch):
         def create_repo(self, repo_id, **kw):
             calls.append(("create", repo_id, kw))
 
+        def list_repo_files(self, repo_id):
+            return []
+
         def create_commit(self, repo_id, operations, **kw):
             calls.extend(("upload", repo_id, op.path_in_repo) for op in operations)
 
