@@ -132,6 +132,7 @@ def sample_and_score(
     batch_size: int = 64,
     reference: nn.Module | None = None,
     compiled: bool = False,
+    gold=None,
 ):
     """Completions of each prompt sampled from `policy`, with reward and KL(policy || sft) per sample.
 
@@ -139,8 +140,10 @@ def sample_and_score(
     exact per-position KL over the vocabulary summed along the sequence (low variance, >= 0), `kl_k1`
     the sum of log-ratios of the sampled tokens. With a `reference` LM (same tokenizer, never trained by
     RL), `ref_nll` is the completion's mean negative log-likelihood per token under it at temperature 1:
-    fluency, so that reward bought with broken text shows. `compiled`: sample with the compiled decode
-    step (`sampling.sample_completions`). Returns a pandas DataFrame, one row per sample.
+    fluency, so that reward bought with broken text shows. With `gold` (text -> float, a judge the reward
+    model never learnt from, e.g. the offline corpus's lexicon), `gold` is its score of the text, so that
+    reward-model over-optimisation shows (reward up, gold flat or down). `compiled`: sample with the
+    compiled decode step (`sampling.sample_completions`). Returns a pandas DataFrame, one row per sample.
     """
     import pandas as pd
 
@@ -184,6 +187,7 @@ def sample_and_score(
                     kl_k1=k1[j].item(),
                     length=int(mask[j].sum()),
                     **({} if ref_nll is None else {"ref_nll": ref_nll[j].item()}),
+                    **({} if gold is None else {"gold": gold(texts[j])}),
                 )  # fmt: skip
             )
     return pd.DataFrame.from_records(records)
@@ -195,8 +199,9 @@ def summarise(samples, labels: Sequence[int]) -> dict[str, float]:
     df = samples.assign(label=[labels[p] for p in samples["prompt"]])
     out: dict[str, float] = {}
     for name, part in (("all", df), ("positive", df[df.label == 1]), ("negative", df[df.label == 0])):
-        per_prompt = part.groupby("prompt")[["score", "kl", "kl_k1"]].mean()  # samples of a prompt correlate
-        for col in ("score", "kl", "kl_k1"):
+        cols = ["score", "kl", "kl_k1"] + ["gold"] * ("gold" in df)
+        per_prompt = part.groupby("prompt")[cols].mean()  # samples of a prompt correlate
+        for col in cols:
             mean, ci = mean_ci(per_prompt[col].tolist())
             suffix = "" if name == "all" else f"/{name}"
             out[f"{col}{suffix}"], out[f"{col}_ci95{suffix}"] = mean, ci
@@ -208,15 +213,15 @@ def summarise(samples, labels: Sequence[int]) -> dict[str, float]:
     return out
 
 
-def evaluate(model, sft, tokenizer, reward_fn, rows, labels, cfg: EvalConfig, reference=None):
+def evaluate(model, sft, tokenizer, reward_fn, rows, labels, cfg: EvalConfig, reference=None, gold=None):
     """Sample `cfg.samples_per_prompt` completions per prompt from `model` with a fixed seed; return
     (headline dict from `summarise`, per-sample DataFrame). Same seed for every model compared; with a
-    `reference` LM the completions' perplexity under it too."""
+    `reference` LM the completions' perplexity under it too, with `gold` a gold reward beside the score."""
     torch.manual_seed(cfg.seed)
     samples = sample_and_score(
         model, sft, tokenizer, reward_fn, rows, samples_per_prompt=cfg.samples_per_prompt,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size,
-        reference=reference, compiled=cfg.compile_generation,
+        reference=reference, compiled=cfg.compile_generation, gold=gold,
     )  # fmt: skip
     return summarise(samples, labels), samples
 

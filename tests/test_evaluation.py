@@ -220,3 +220,27 @@ def test_matched_kl_difference_interpolates_the_front_per_prompt():
     assert math.isnan(evaluation.matched_kl_diff(front, table(2.5, 2.0))[0])
     with pytest.raises(ValueError, match="sorted by KL"):
         evaluation.matched_kl_diff(front[::-1], table(1.5, 2.0))
+
+
+def test_a_gold_reward_is_scored_on_the_same_text_and_summarised_like_the_reward(models):
+    """With `gold` (text -> float), each sample's `gold` is the judge's score of the very text the reward
+    model scored (prompt + completion), and `summarise` reports it per prompt then over prompts, by
+    prompt sentiment too, as it does the reward."""
+    import offline
+
+    policy, sft, tok = models
+    seen = []
+    judge = lambda text: seen.append(text) or offline.lexicon_sentiment(text) + len(text)
+    torch.manual_seed(0)
+    df = evaluation.sample_and_score(
+        policy, sft, tok, zero_reward, [[5, 6, 7], [8, 9]], samples_per_prompt=3, max_new_tokens=5,
+        temperature=0.9, gold=judge,
+    )  # fmt: skip
+    assert seen == df["text"].tolist()
+    assert df["gold"].tolist() == [offline.lexicon_sentiment(t) + len(t) for t in df["text"]]
+    s = evaluation.summarise(df, labels=[1, 0])
+    per_prompt = df.groupby("prompt")["gold"].mean()
+    assert s["gold"] == pytest.approx(per_prompt.mean()) and s["gold/positive"] == pytest.approx(
+        per_prompt[0]
+    )
+    assert "gold" not in evaluation.summarise(df.drop(columns="gold"), labels=[1, 0])

@@ -106,6 +106,7 @@ def test_generation_eval_notebook(series):
     optimum = limit[limit["curve"] == "optimum"].sort_values("kl")
     assert optimum["kl"].iloc[0] < 0.05 and (limit["kl"] <= math.log(16) + 1e-9).all()
     assert "gap_to_limit" in results  # NaN where the limit of 16 samples is not reliable (most KLs here)
+    assert results["gold"].notna().all() and ("WARP (slerp) - SFT", "gold") in paired.index  # the lexicon
     assert (results["gap_to_limit"].dropna() < 0.5).all()  # no model far above the best any policy can do
 
 
