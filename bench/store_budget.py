@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
         "# What the store receives: commits, uploads and size per notebook\n",
         "Counted on a folder store's ledger from a run of the whole series on the offline preset, whose",
         "commits are those of the imdb defaults; the imdb columns count each model file at the size the",
-        "imdb preset writes (GPT-2 small, a DistilBERT-base reward model). Written by",
+        "imdb preset writes (GPT-2 small, a DistilBERT-base reward model). The write check and the squash",
+        "are counted as the Hub commits they are. The series ran as `python run_series.py --preset offline",
+        f"--store {args.store}`; this page was written by",
         f"`python bench/store_budget.py --store {args.store}` on {report['machine']['cpu']} (sizes do not",
         "depend on the machine).\n",
         "| notebook | commits | files uploaded | GB uploaded (imdb) | store at its end, GB (imdb) "
