@@ -115,11 +115,12 @@ def test_mu_sweep_notebook_reuses_training_and_skips_finished(series):
     work, ck, _, _ = series
     params = dict(
         PRESET="offline", CHECKPOINTS=str(ck), STORE=str(work / "store"), MUS=[0.01, 0.1],
-        OVERRIDES={"steps": 3, "iterations": 1}, EVAL_OVERRIDES={"n_prompts": 8, "samples_per_prompt": 1},
+        OVERRIDES={"steps": 3, "iterations": 1},
+        EVAL_OVERRIDES={"n_prompts": 8, "samples_per_prompt": 1, "limit_samples": 8},
     )  # fmt: skip
     run_notebook("04_mu_sweep", work, **params)
     table = pd.read_csv(ck / "mu_sweep" / "mu_sweep.csv", index_col=0)
-    assert list(table.index) == ["SFT", "mu=0.01", "mu=0.1"]
+    assert list(table.index) == ["SFT", "mu=0.01", "mu=0.1"] and "gap_to_limit" in table and "gold" in table
     assert (ck / "mu_sweep" / "mu_sweep.png").stat().st_size > 0
     finals = [ck / "mu_sweep" / f"mu={mu}" / "final_slerp" / "model.safetensors" for mu in (0.01, 0.1)]
     stamps = [f.stat().st_mtime_ns for f in finals]
@@ -139,7 +140,7 @@ def test_mu_sweep_reuses_02s_run_for_its_mu(series):
         CHECKPOINTS=str(ck),
         STORE=str(work / "store"),
         MUS=[0.01],
-        EVAL_OVERRIDES={"n_prompts": 4},
+        EVAL_OVERRIDES={"n_prompts": 4, "limit_samples": 0},
     )
     text, _ = run_notebook("04_mu_sweep", work, **params)
     assert "mu=0.01: 02 trained it with these settings; reusing" in text

@@ -293,7 +293,7 @@ def test_04_killed_mid_sweep_resumes_from_the_store_bitwise(assets, tmp_path):
     from safetensors.torch import load_file
 
     settings = {**assets, **SETTINGS, "iterations": 1, "reward_max_length": 64, "store_progress_minutes": 0}
-    evals = {"n_prompts": 4, "samples_per_prompt": 1, "max_new_tokens": 4}
+    evals = {"n_prompts": 4, "samples_per_prompt": 1, "max_new_tokens": 4, "limit_samples": 0}
     params = {"PRESET": "offline", "CHECKPOINTS": "ck", "MUS": [0.01, 0.1], "OVERRIDES": settings}
     params["EVAL_OVERRIDES"] = evals
     run_04(tmp_path / "whole", params)
