@@ -169,8 +169,9 @@ def test_the_store_gets_what_is_costly_to_recompute_in_few_commits(series):
     added = [f for e in by_notebook["02"] for f in e["added"]]
     for i in range(2):
         assert all(f"warp/iter{i}/run{m}/final.safetensors" in added for m in range(2)), "every run's final"
-    assert "warp/iter0/slerp.safetensors" in added and "warp/iter1/init.safetensors" in added, "every merge"
-    assert not any("progress" in f for e in ledger for f in e["added"]), "no progress checkpoint stored"
+    assert "warp/iter1/init.safetensors" in added and "warp/final_slerp/model.safetensors" in added, "merges"
+    assert "warp/iter0/slerp.safetensors" not in added  # only the next start is needed, not the SLERP state
+    assert not any(f.endswith("progress.pt") for e in ledger for f in e["added"]), "no progress stored"
     held = {p.relative_to(work / "store").as_posix() for p in (work / "store").rglob("*") if p.is_file()}
     assert not any(f.endswith(("final.safetensors", "init.safetensors", "slerp.safetensors")) for f in held)
     assert {"warp/final_slerp/model.safetensors", "warp/final_liti/model.safetensors"} <= held
