@@ -168,6 +168,12 @@ def save_pretrained_atomic(model: nn.Module, tokenizer, path: str | Path, extra:
             (tmp / "info.json").write_text(json.dumps(extra, indent=2))
 
 
+def remove(path: str | Path) -> None:
+    """Delete a file or a folder (a checkpoint either way); nothing when it is not there."""
+    path = Path(path)
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def folder_bytes(root: str | Path) -> int:
     """Bytes of the files under `root` (0 when it does not exist; files that vanish meanwhile skipped)."""
     total = 0
@@ -276,6 +282,12 @@ def save_progress(path: str | Path, accelerator=None, **state) -> None:
     if path.exists():
         os.replace(path, previous(path))
     os.replace(path.with_name(path.name + ".new"), path)
+
+
+def progress_entry(path: str | Path, key: str):
+    """One small entry of a `save_progress` file (its step, its precision), memory-mapped so that the GBs of
+    tensors beside it are not read; None when the file lacks it."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(key)
 
 
 def load_progress(path: str | Path, accelerator=None) -> dict | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -56,10 +55,8 @@ def check_precision(progress: Path, mixed_precision: str) -> None:
     recorded = None
     for candidate in (progress, checkpoints.previous(progress)):
         if candidate.exists():
-            try:  # memory-mapped: reads the small entries, not the GBs of tensors
-                recorded = torch.load(candidate, map_location="cpu", weights_only=True, mmap=True).get(
-                    "mixed_precision"
-                )
+            try:
+                recorded = checkpoints.progress_entry(candidate, "mixed_precision")
             except Exception:  # damaged: load_progress says so, with its fallback, when it resumes
                 continue
             break
@@ -238,11 +235,11 @@ class Stage:
     claims its folder (`claim_out_dir`), pulls what a step needs, keeps what a step made (one commit) and
     then discards what no later step needs, and at its end records its minutes."""
 
-    def __init__(self, cfg, name: str, store, folder: str | Path | None = None):
+    def __init__(self, cfg, name: str, store):
         self.name, self.store, self.start = name, store, time.time()
         self.out = Path(cfg.out_dir)
         store.pull(self.out / "timing.json")  # what an earlier session recorded
-        claim_out_dir(cfg, folder, store=store)  # refuses results of other settings before any compute
+        claim_out_dir(cfg, store=store)  # refuses results of other settings before any compute
 
     def pull(self, *paths) -> None:
         self.store.pull(*[p for p in paths if p])
@@ -258,7 +255,7 @@ class Stage:
         then_discard = [Path(p) for p in then_discard if p]
         stored = self.store.push(*paths, delete=then_discard)
         for path in then_discard if stored else []:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            checkpoints.remove(path)
         return stored
 
     def end(self, *paths, then_discard=()) -> bool:
@@ -308,7 +305,7 @@ def check_finite(stats: dict[str, float], step: int, progress: Path) -> None:
     for key, name in _FINITE.items():
         if not math.isfinite(stats[key]):
             last = (
-                f"{progress} (step {torch.load(progress, map_location='cpu', weights_only=False)['step']})"
+                f"{progress} (step {checkpoints.progress_entry(progress, 'step')})"
                 if progress.exists()
                 else None
             )

@@ -21,7 +21,7 @@ import time
 import warnings
 from pathlib import Path
 
-from checkpoints import _atomic_file, atomic_dir, folder_bytes, looks_local
+from checkpoints import _atomic_file, atomic_dir, folder_bytes, looks_local, remove
 
 REPO_NAME = "warp-imdb"  # the store's default name: <the token's user>/warp-imdb
 PROGRESS_MINUTES = 60.0  # a run pushes a progress checkpoint only after this long without a stored state
@@ -319,7 +319,7 @@ class Store:
         if not items and not gone:
             return not outside
         try:
-            replaced = bool(gone) or any(self._held([self.root / rel]) for _, rel in files)
+            replaced = bool(gone) or bool(self._held([path for path, _ in items]))
         except Exception:  # the listing is bookkeeping: if it fails, squash at the end to be safe
             replaced = True
         try:
@@ -366,8 +366,7 @@ class Store:
                 with _atomic_file(base / rel, "wb") as out, open(path, "rb") as src:
                     shutil.copyfileobj(src, out)
         for rel in gone:
-            target = base / rel
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            remove(base / rel)
 
     def push_progress(self, path: str | Path, since: float, *also: str | Path) -> bool:
         """Push a run's progress checkpoint (with `also`, what a resume from it needs, e.g. the snapshots
@@ -380,12 +379,7 @@ class Store:
 
     def holds(self, path: str | Path) -> bool:
         """True when the store has `path` (a local path under `root`): a file, or a folder with files."""
-        rel = self._rel(path)
-        if not self or rel is None:
-            return False
-        if not self._on_folder:
-            return any(f == rel or f.startswith(rel + "/") for f in self._hub_files())
-        return (Path(self.location).expanduser() / rel).exists()
+        return bool(self) and bool(self._held([path]))
 
     def release(self, *paths: str | Path) -> None:
         """Free local disk: delete the local copy of each path the store holds (GPT-2 states are 0.5 GB
@@ -393,7 +387,7 @@ class Store:
         only one."""
         for path in map(Path, paths):
             if path.exists() and self.holds(path):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                remove(path)
 
     def delete(self, *paths: str | Path) -> None:
         """Remove files or folders (local paths under `root`) from the store in one commit, e.g. a run's

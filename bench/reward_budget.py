@@ -102,7 +102,7 @@ def budget_curve(mode: str, args, data: Path, deadline: float) -> tuple[list[dic
     rows = []
     if args.resume and curve_file.exists() and progress_file.exists():
         rows = json.loads(curve_file.read_text())
-        assert torch.load(progress_file, weights_only=False)["history"][-1]["pairs"] == rows[-1]["pairs"]
+        assert torch.load(progress_file, weights_only=True)["history"][-1]["pairs"] == rows[-1]["pairs"]
         print(f"{mode}: continuing the curve in {work} after {rows[-1]['pairs']} pairs")
     else:
         shutil.rmtree(work, ignore_errors=True)
@@ -131,7 +131,7 @@ def budget_curve(mode: str, args, data: Path, deadline: float) -> tuple[list[dic
             "mixed_precision": args.precision,
         }
         seconds = run_session(work, overrides, args.threads)
-        progress = torch.load(progress_file, weights_only=False)
+        progress = torch.load(progress_file, weights_only=True)
         last = progress["history"][-1]
         assert last["pairs"] == budget, (last["pairs"], budget)
         if not rows:  # the untrained head (epoch 0), for reference

@@ -188,7 +188,7 @@ def test_interrupted_training_resumes_to_the_same_model(tiny_assets, tiny_lora_r
     folder = tmp_path / "ck" / "reward_model"
     assert "rerun this notebook to continue" in text
     assert not (folder / "metrics.json").exists()
-    progress = torch.load(tmp_path / "ck" / "reward_model_progress" / "progress.pt", weights_only=False)
+    progress = torch.load(tmp_path / "ck" / "reward_model_progress" / "progress.pt", weights_only=True)
     assert progress["epoch"] == 1
 
     # session 2 continues from epoch 1 and ends where the uninterrupted run ended, bit for bit on the CPU.
@@ -231,7 +231,7 @@ def test_a_dead_session_resumes_from_the_store(tiny_assets, tmp_path):
     progress = drive / "reward_model_progress" / "progress.pt"
     kill_notebook_when(NOTEBOOK, work, params, progress.exists, timeout=300)
     assert progress.exists() and not (drive / "reward_model" / "metrics.json").exists()
-    stored_epoch = torch.load(progress, weights_only=False)["epoch"]
+    stored_epoch = torch.load(progress, weights_only=True)["epoch"]
 
     shutil.rmtree(work / "ck", ignore_errors=True)  # the new session has nothing local
     text, _ = run(work, "again", **params)

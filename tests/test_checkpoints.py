@@ -156,7 +156,7 @@ def test_rng_state_reproduces_the_same_draws_also_through_a_file(tmp_path):
 
     random.seed(123)
     torch.manual_seed(123)
-    checkpoints.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False))
+    checkpoints.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     from_disk = (random.random(), torch.rand(4), torch.randperm(10))
     assert first[0] == from_disk[0] and torch.equal(first[1], from_disk[1])
 

@@ -114,7 +114,7 @@ def test_a_dead_session_resumes_from_the_store_bitwise(assets, tmp_path, monkeyp
     assert not (store / "warp" / victim / "metrics.json").exists(), (
         "killed after the run ended, not inside it"
     )
-    stored_step = torch.load(progress, weights_only=False)["step"]
+    stored_step = torch.load(progress, weights_only=True)["step"]
 
     # session 2: a new machine, nothing local; it resumes from the store
     import shutil
