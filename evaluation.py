@@ -121,7 +121,7 @@ def matched_kl_diff(front: Sequence, other, col: str = "score") -> tuple[float, 
 @torch.no_grad()
 def sample_and_score(
     policy: nn.Module,
-    sft: nn.Module,
+    sft: nn.Module | None,
     tokenizer,
     reward_fn,
     prompt_rows: list[list[int]],
@@ -134,7 +134,8 @@ def sample_and_score(
     compiled: bool = False,
     gold=None,
 ):
-    """Completions of each prompt sampled from `policy`, with reward and KL(policy || sft) per sample.
+    """Completions of each prompt sampled from `policy`, with reward and KL(policy || sft) per sample
+    (`sft=None`: no KL, and none of the two log-prob passes it costs).
 
     KL is estimated on the policy's own samples, at the sampling temperature, two ways: `kl` is the
     exact per-position KL over the vocabulary summed along the sequence (low variance, >= 0), `kl_k1`
@@ -158,13 +159,15 @@ def sample_and_score(
             policy, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature,
             eos_token_id=tokenizer.eos_token_id, compiled=compiled,
         )  # fmt: skip
-        logits = completion_logits(policy, prompt_ids, prompt_mask, completions, temperature)
-        ref_logits = completion_logits(
-            sft, prompt_ids, prompt_mask, completions.to(model_device(sft)), temperature
-        )
-        ref_logits = ref_logits.to(device)
-        kl = kl_exact(logits, ref_logits, mask)
-        k1 = kl_k1(token_logprobs(logits, completions), token_logprobs(ref_logits, completions), mask)
+        kl = k1 = None
+        if sft is not None:  # two full passes, the policy's and the SFT's, for KL(pi || pi_sft)
+            logits = completion_logits(policy, prompt_ids, prompt_mask, completions, temperature)
+            ref_logits = completion_logits(
+                sft, prompt_ids, prompt_mask, completions.to(model_device(sft)), temperature
+            )
+            ref_logits = ref_logits.to(device)
+            kl = kl_exact(logits, ref_logits, mask)
+            k1 = kl_k1(token_logprobs(logits, completions), token_logprobs(ref_logits, completions), mask)
         scores = reward_fn(prompt_ids, prompt_mask, completions, mask)
         ref_nll = None
         if reference is not None:  # mean NLL per completion token, at temperature 1
@@ -183,8 +186,7 @@ def sample_and_score(
                     text=texts[j],
                     completion=only_completion[j],
                     score=scores[j].item(),
-                    kl=kl[j].item(),
-                    kl_k1=k1[j].item(),
+                    **({} if kl is None else {"kl": kl[j].item(), "kl_k1": k1[j].item()}),
                     length=int(mask[j].sum()),
                     **({} if ref_nll is None else {"ref_nll": ref_nll[j].item()}),
                     **({} if gold is None else {"gold": gold(texts[j])}),

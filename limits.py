@@ -198,8 +198,8 @@ def sft_samples(
     rm, rm_tokenizer = utils.load_reward_model(reward_model)
     reward_fn = utils.make_reward_fn(rm.to(device), rm_tokenizer, tokenizer, batch_size, 512)
     torch.manual_seed(seed)
-    table = sample_and_score(
-        policy, policy, tokenizer, reward_fn, prompt_rows, samples_per_prompt=n_samples,
+    table = sample_and_score(  # the SFT's own samples: KL 0, no log-prob passes
+        policy, None, tokenizer, reward_fn, prompt_rows, samples_per_prompt=n_samples,
         max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
     )  # fmt: skip
     atomic_write_text(path.with_suffix(".json"), json.dumps(key, indent=2))
