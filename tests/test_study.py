@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -250,3 +251,44 @@ def test_a_rerun_reads_back_and_an_interrupted_seed_redoes_only_what_is_missing(
     main(args)
     assert [p.stat().st_mtime_ns for p in kept] == stamps  # no run retrained, seed 1 not redone
     assert lost.exists() and runner.result_path(out, 0).exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The committed study
+# ------------------------------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "study"
+
+
+@pytest.mark.skipif(not (DOCS / "evaluated").exists(), reason="no study committed")
+def test_the_committed_report_is_what_its_committed_tables_give(tmp_path):
+    """docs/study's numbers are recomputed from the per-prompt tables beside them (`--report-only`)."""
+    import shutil
+
+    shutil.copytree(DOCS / "evaluated", tmp_path / "evaluated")
+    committed = json.loads((DOCS / "study.json").read_text())
+    got = report.write(tmp_path, arms.FULL, replicates=committed["replicates"])
+    assert got["seeds"] == committed["seeds"] and len(got["comparisons"]) == len(committed["comparisons"])
+    for mine, theirs in zip(got["comparisons"], committed["comparisons"], strict=True):
+        assert mine["label"] == theirs["label"]
+        for col in ("score", "gold"):
+            for key in ("estimate", "lo", "hi"):
+                a, b = mine[col][key], theirs[col][key]
+                assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-6), mine["label"]
+
+
+def test_best_of_n_reads_as_a_lower_bound_on_the_limit():
+    """A model at best-of-4's (KL bound, expected max) has a best-of-n gap of 0 and lies at or below
+    pi_beta (best-of-n is a policy, so the optimum at its KL is at least as high)."""
+    import limits
+
+    scores = np.random.default_rng(1).standard_normal((64, 32))
+    bon = limits.limit_curves(pd.DataFrame({"prompt": np.repeat(np.arange(64), 32), "score": scores.ravel()}))
+    four = bon[(bon.curve == "best_of_n") & (bon.n == 4)].iloc[0]
+    tables = toy_tables(0.0, 0.0, 0.0, n_seeds=2, n_prompts=64)
+    for t in tables.values():
+        on = t.model == f"{SLERP} eta=1.0"
+        t.loc[on, "score"], t.loc[on, "kl"] = four.score, four.kl
+    reader = report.Reader(dataclasses.replace(TOY, seeds=(0, 1)), report.Means(tables, 50), scores)
+    assert reader.gap(f"{SLERP} eta=1.0", "best_of_n")["estimate"] == pytest.approx(0.0, abs=1e-9)
+    assert reader.gap(f"{SLERP} eta=1.0")["estimate"] <= 1e-9

@@ -116,6 +116,15 @@ class Reader:
             last = int(np.argmin(ok)) if not ok.all() else len(ok)  # reliable up to the first failure
             self.limit = (means.weights @ kl[:, :last], means.weights @ reward[:, :last])  # (R, G')
             self.limit_reach = float(kl[:, :last].mean(0).max()) if last else 0.0
+            # best-of-n: achievable, with KL at most log n - (n - 1) / n, so a lower bound on the limit
+            ns = [2**j for j in range(int(math.log2(n)) + 1)]
+            ascending = np.sort(limit_scores, axis=1)
+            per_prompt = np.stack([ascending @ limits.best_of_n_weights(n, k) for k in ns], axis=1)
+            bound = np.array([math.log(k) - (k - 1) / k for k in ns])
+            self.best_of_n = (
+                np.broadcast_to(bound, (len(means.weights), len(ns))),
+                means.weights @ per_prompt,
+            )
 
     def points(self, seed: int, curve: str, col: str) -> tuple[np.ndarray, np.ndarray]:
         names = self.curves[curve]
@@ -138,10 +147,12 @@ class Reader:
                 warnings.simplefilter("ignore", RuntimeWarning)
                 return at, np.nanmax(reads, axis=0)
 
-    def limit_at(self, at: np.ndarray) -> np.ndarray:
+    def limit_at(self, at: np.ndarray, curve: str = "optimum") -> np.ndarray:
+        """The limit's reward at KL `at` per replicate: pi_beta (NaN past its reliable range), or the
+        best-of-n curve (a lower bound on the limit, to KL log N)."""
         if self.limit is None:
             return np.full(at.shape, np.nan)
-        kl, reward = self.limit
+        kl, reward = self.limit if curve == "optimum" else self.best_of_n
         return read(kl.T, reward.T, at)
 
     def compare(self, c: arms.Comparison, col: str) -> dict:
@@ -157,7 +168,8 @@ class Reader:
             _, better = self.side(seed, c.better, col, at)
             _, worse = self.side(seed, c.worse, col, at)
             diffs.append(better - worse)
-            rooms.append(self.limit_at(at) - worse if col == "score" else np.full(r, np.nan))
+            limit = np.fmax(self.limit_at(at), self.limit_at(at, "best_of_n"))  # best-of-n past pi_beta
+            rooms.append(limit - worse if col == "score" else np.full(r, np.nan))
         diffs, rooms = np.stack(diffs), np.stack(rooms)
         out = summary(self.means.pool(diffs))
         out["seeds"] = int((~np.isnan(diffs[:, 0])).sum())
@@ -167,10 +179,11 @@ class Reader:
     def model(self, name: str, col: str) -> dict:
         return summary(self.means.pool(np.stack([self.means.get(s, name, col) for s in self.means.seeds])))
 
-    def gap(self, name: str) -> dict:
-        """Score minus the limit at the model's KL, pooled over seeds (NaN beyond the reliable range)."""
+    def gap(self, name: str, curve: str = "optimum") -> dict:
+        """Score minus the limit (`curve`: pi_beta, NaN beyond its reliable range, or best-of-n) at the
+        model's KL, pooled over seeds."""
         gaps = [
-            self.means.get(s, name, "score") - self.limit_at(self.means.get(s, name, "kl"))
+            self.means.get(s, name, "score") - self.limit_at(self.means.get(s, name, "kl"), curve)
             for s in self.means.seeds
         ]
         return summary(self.means.pool(np.stack(gaps)))
@@ -231,6 +244,7 @@ def write(out: Path, study: arms.Study, replicates: int = 2000) -> dict:
     for name in [m.name for m in arms.models_of(study)]:
         models[name] = {col: reader.model(name, col) for col in COLUMNS}
         models[name]["gap"] = reader.gap(name)
+        models[name]["gap_best_of_n"] = reader.gap(name, "best_of_n")
     result = {
         "seeds": means.seeds, "prompts": means.n_prompts, "replicates": replicates,
         "study": arms.describe(study), "comparisons": rows, "models": models, "meta": meta,
@@ -263,7 +277,8 @@ def markdown(result: dict, study: arms.Study) -> str:
         "",
         "Reward difference (positive: the claim holds) with its 95% interval; the gold reward's (the "
         "corpus lexicon) at the same KL; the seeds that had a value; room = the limit minus the worse side "
-        "at that KL (how much better any policy could have been).",
+        "at that KL (how much better any policy could have been; pi_beta where it is reliable, beyond it "
+        "best-of-n, which is achievable and so a lower bound on the room).",
         "",
         "| claim | comparison | reward | gold | seeds | room to the limit | verdict |",
         "|---|---|---|---|---|---|---|",
@@ -280,11 +295,11 @@ def markdown(result: dict, study: arms.Study) -> str:
         lines.append(f"| {r['claim']} | {r['label']} | {fmt(r['score'])} | {fmt(r['gold'])} | "
                      f"{r['score']['seeds']} of {len(seeds)} |")  # fmt: skip
     lines += ["", "## Models (mean over seeds [95% interval])", "",
-              "| model | reward | KL to SFT | gold | reference NLL | gap to the limit |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+              "| model | reward | KL to SFT | gold | reference NLL | gap to pi_beta | gap to best-of-n |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, m in result["models"].items():
         if not math.isnan(m["score"]["estimate"]):
-            cells = [fmt(m[c]).replace("+", "") for c in COLUMNS] + [fmt(m["gap"])]
+            cells = [fmt(m[c]).replace("+", "") for c in COLUMNS] + [fmt(m["gap"]), fmt(m["gap_best_of_n"])]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Merges (mean over seeds)", "", "| merge | angle, mean over tensors | angle, flat | "
               "SLERP / individual norm | LERP / individual norm |", "|---|---|---|---|---|"]  # fmt: skip

@@ -247,6 +247,7 @@ def run_limit(paths: dict, study: arms.Study, out: str) -> str:
     import torch
 
     torch.set_num_threads(study.threads)
+    start = time.time()
     table = limits.sft_samples(
         Path(out) / "limit_cache", paths["sft"], paths["reward_model"], rows, n_samples=study.limit_samples,
         temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens, seed=EVAL_SEED - 1,
@@ -255,6 +256,9 @@ def run_limit(paths: dict, study: arms.Study, out: str) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
     table[["prompt", "sample", "score"]].to_csv(tmp, index=False, float_format="%.5g", compression="gzip")
+    meta = {"minutes": (time.time() - start) / 60, "machine": machine(study.threads),
+            "samples": study.limit_samples, "prompts": len(rows)}  # fmt: skip
+    checkpoints.atomic_write_text(target.with_suffix("").with_suffix(".json"), json.dumps(meta, indent=1))
     tmp.replace(target)
     return str(target)
 
