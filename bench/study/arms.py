@@ -213,7 +213,7 @@ def curves_of(study: Study) -> dict[str, list[Model]]:
         for merge in merges_of(study):
             if merge.name.startswith(regime.name + "/"):
                 label = front_label(regime, merge.name)
-                etas = (1.0,) if merge.name.endswith(POINT_ONLY) else study.etas
+                etas = (1.0,) if merge.name.split("/")[-1] in POINT_ONLY else study.etas
                 out[label] = [sft] + [Model(f"{label} eta={e}", merge=merge.name, eta=e) for e in etas]
     for run in runs_of(study, 0):
         if run.snapshots:
@@ -347,5 +347,5 @@ def describe(study: Study) -> str:
         f"{study.sft_steps} steps each, a snapshot every {study.snapshot_every}; {steps} RL steps and "
         f"{len(models_of(study))} models per seed; {study.n_prompts} held-out prompts x "
         f"{study.samples_per_prompt} samples; the limit from {study.limit_samples} SFT samples a prompt "
-        f"(reliable to KL ~ {math.log(study.limit_samples) - 1:.1f})."
+        f"(pi_beta reliable at most to KL log N - 1 = {math.log(study.limit_samples) - 1:.1f})."
     )
