@@ -14,8 +14,10 @@ counted, not hidden); the pooled difference is the mean over the seeds that have
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,14 @@ import numpy as np
 from bench.study import arms, runner
 
 COLUMNS = ("score", "kl", "gold", "ref_nll")
+
+
+@contextlib.contextmanager
+def quiet():
+    """No numpy warnings for NaNs: a seed or curve without a value is expected, and counted."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -61,12 +71,8 @@ class Means:
     def pool(self, per_seed: np.ndarray) -> np.ndarray:
         """(S, R) per-seed values -> (R,) means over each replicate's drawn seeds (NaN seeds left out)."""
         drawn = per_seed[self.seed_draws.T, np.arange(per_seed.shape[1])]  # (S, R)
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                return np.nanmean(drawn, axis=0)
+        with quiet():
+            return np.nanmean(drawn, axis=0)
 
 
 def read(kls: np.ndarray, values: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -140,12 +146,8 @@ class Reader:
             raise ValueError(f"{spec}: a curve needs a KL to be read at")
         names = spec.removeprefix("envelope:").split("|")
         reads = np.stack([read(*self.points(seed, n, col), at) for n in names])
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                return at, np.nanmax(reads, axis=0)
+        with quiet():
+            return at, np.nanmax(reads, axis=0)
 
     def limit_at(self, at: np.ndarray, curve: str = "optimum") -> np.ndarray:
         """The limit's reward at KL `at` per replicate: pi_beta (NaN past its reliable range), or the
@@ -203,7 +205,7 @@ def load(out: Path, study: arms.Study):
         path = runner.result_path(out, seed)
         if path.exists():
             tables[seed] = pd.read_csv(path)
-            meta[seed] = json.loads(path.with_suffix("").with_suffix(".json").read_text())
+            meta[seed] = json.loads(runner.meta_path(path).read_text())
     limit = None
     if runner.limit_path(out).exists():
         import limits
@@ -341,7 +343,7 @@ def plots(out: Path, study: arms.Study, reader: Reader, limit) -> None:
 
     def mean_points(curve, col):
         kls, vals = zip(*(reader.points(s, curve, col) for s in seeds), strict=True)
-        with np.errstate(all="ignore"):
+        with quiet():
             return np.nanmean(np.stack(kls)[:, :, 0], 0), np.nanmean(np.stack(vals)[:, :, 0], 0)
 
     baselines = [c for c in reader.curves if c.startswith("REINFORCE")]

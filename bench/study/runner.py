@@ -48,6 +48,21 @@ def limit_path(out: Path) -> Path:
     return Path(out) / "evaluated" / "limit.csv.gz"
 
 
+def meta_path(table: Path) -> Path:
+    """The `.json` beside a result table (`seed0.csv.gz` -> `seed0.json`)."""
+    return Path(table).with_suffix("").with_suffix(".json")
+
+
+def write_result(table, target: Path, meta: dict) -> None:
+    """A result table (gzipped CSV) and its metadata; the table last and atomically, so that it exists
+    only once complete (a seed or the limit counts as done by its table)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    checkpoints.atomic_write_text(meta_path(target), json.dumps(meta, indent=1))
+    tmp = target.with_name(target.name + ".tmp")
+    table.to_csv(tmp, index=False, float_format="%.5g", compression="gzip")
+    tmp.replace(target)
+
+
 def warp_config(paths: dict, study: arms.Study, run: arms.Run, folder: Path) -> config.WarpConfig:
     return config.WarpConfig.for_preset(
         "offline", sft=paths["sft"], reward_model=paths["reward_model"], data=paths["data"],
@@ -106,26 +121,28 @@ def train(paths: dict, study: arms.Study, seed: int, out: Path, progress: Progre
     sft_state = utils.state_of(sft)
     merges = {m.name: m for m in arms.merges_of(study)}
     prompts = None
-    diagnostics = {}
 
     def merged(name: str) -> dict:
+        """A merge's state, made (with its diagnostics in a `.json` beside it) the first time."""
         path = base / "merges" / f"{name}.safetensors"
-        if not path.exists():
-            m = merges[name]
-            states = [state_at(finals[r]) for r in m.runs]
-            around = init_state(m.base) if m.base else sft_state
-            if m.how == "slerp":  # Alg. 1, line 10
-                state = utils.slerp(around, states)
-                diagnostics[name] = utils.merge_diagnostics(around, states, state)
-            elif m.how == "lerp":  # the mean of the runs: LERP with weights 1/M
-                state = utils.liti(states[0], states[1], 0.5) if len(states) == 2 else None
-                if state is None:
-                    raise ValueError(f"{name}: LERP of {len(states)} runs is not an arm")
-            else:
-                state = states[0]
-            checkpoints.save_state(state, path)
-            checkpoints.atomic_write_text(path.with_suffix(".json"), json.dumps(diagnostics.get(name, {})))
-        return checkpoints.load_state_file(path)
+        if path.exists():
+            return checkpoints.load_state_file(path)
+        m = merges[name]
+        states = [state_at(finals[r]) for r in m.runs]
+        around = init_state(m.base) if m.base else sft_state
+        info = {}
+        if m.how == "slerp":  # Alg. 1, line 10
+            state = utils.slerp(around, states)
+            info = utils.merge_diagnostics(around, states, state)
+        elif m.how == "lerp":  # the mean of 2 runs (the only LERP arm)
+            if len(states) != 2:
+                raise ValueError(f"{name}: LERP of {len(states)} runs is not an arm")
+            state = utils.liti(states[0], states[1], 0.5)
+        else:
+            state = states[0]
+        checkpoints.save_state(state, path)
+        checkpoints.atomic_write_text(path.with_suffix(".json"), json.dumps(info))
+        return state
 
     def init_state(name: str) -> dict:
         """The LITI step after merge `name`: (1 - eta) * its init + eta * the merge (Alg. 1, line 11)."""
@@ -150,9 +167,7 @@ def train(paths: dict, study: arms.Study, seed: int, out: Path, progress: Progre
         progress.add(run.steps)
     for name in merges:
         merged(name)
-        meta = base / "merges" / f"{name}.json"
-        diagnostics[name] = json.loads(meta.read_text())
-    return diagnostics
+    return {name: json.loads((base / "merges" / f"{name}.json").read_text()) for name in merges}
 
 
 def evaluate(paths: dict, study: arms.Study, seed: int, out: Path, progress: Progress):
@@ -224,13 +239,9 @@ def run_seed(paths: dict, study: arms.Study, seed: int, out: str) -> str:
     trained = time.time()
     table, skipped = evaluate(paths, study, seed, out, progress)
     minutes = {"training": (trained - start) / 60, "evaluation": (time.time() - trained) / 60}
-    target.parent.mkdir(parents=True, exist_ok=True)
     meta = {"seed": seed, "minutes": minutes, "merges": diagnostics, "not_evaluated": skipped,
             "machine": machine(study.threads), "study": arms.describe(study)}  # fmt: skip
-    checkpoints.atomic_write_text(target.with_suffix("").with_suffix(".json"), json.dumps(meta, indent=1))
-    tmp = target.with_name(target.name + ".tmp")
-    table.to_csv(tmp, index=False, float_format="%.5g", compression="gzip")
-    tmp.replace(target)  # the seed counts as done only once its whole table is there
+    write_result(table, target, meta)
     return str(target)
 
 
@@ -253,13 +264,9 @@ def run_limit(paths: dict, study: arms.Study, out: str) -> str:
         temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens, seed=EVAL_SEED - 1,
         batch_size=256,
     )  # fmt: skip
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    table[["prompt", "sample", "score"]].to_csv(tmp, index=False, float_format="%.5g", compression="gzip")
     meta = {"minutes": (time.time() - start) / 60, "machine": machine(study.threads),
             "samples": study.limit_samples, "prompts": len(rows)}  # fmt: skip
-    checkpoints.atomic_write_text(target.with_suffix("").with_suffix(".json"), json.dumps(meta, indent=1))
-    tmp.replace(target)
+    write_result(table[["prompt", "sample", "score"]], target, meta)
     return str(target)
 
 
@@ -291,27 +298,22 @@ def run_all(paths: dict, study: arms.Study, out: Path) -> None:
     jobs += [("seed", paths, study, s, str(out)) for s in study.seeds if not result_path(out, s).exists()]
     limit_units = study.limit_samples * study.n_prompts / 768 * 16  # scoring only: ~16 steps per 768
     per_seed = seed_units(study)
+    units = lambda job: limit_units if job[0] == "limit" else per_seed  # noqa: E731
     total = per_seed * len(study.seeds) + limit_units
-    finished = (
-        total
-        - per_seed * sum(j[0] == "seed" for j in jobs)
-        - limit_units * (jobs[:1] != [] and jobs[0][0] == "limit")
-    )
+    finished = total - sum(units(j) for j in jobs)
     print(f"[study] {arms.describe(study)}", flush=True)
     print(f"[study] {len(jobs)} job(s) to run in {out} ({study.workers} at once)", flush=True)
     bar = tqdm(total=round(total), initial=round(finished), desc="study", unit="step")
 
     def done_units() -> float:
-        units = finished
-        for kind, _, _, seed, _ in jobs:
-            if kind == "limit":
-                units += limit_units if limit_path(out).exists() else 0
-            elif result_path(out, seed).exists():
-                units += per_seed
-            else:
-                p = out / "progress" / f"seed{seed}.json"
-                units += json.loads(p.read_text())["done"] if p.exists() else 0
-        return units
+        done = finished
+        for job in jobs:
+            kind, seed = job[0], job[3]
+            if (limit_path(out) if kind == "limit" else result_path(out, seed)).exists():
+                done += units(job)
+            elif kind == "seed" and (p := out / "progress" / f"seed{seed}.json").exists():
+                done += json.loads(p.read_text())["done"]
+        return done
 
     if study.workers == 1:  # in this process; a thread moves the bar
         import threading
