@@ -135,9 +135,10 @@ def sample_and_score(
     gold=None,
 ):
     """Completions of each prompt sampled from `policy`, with reward and KL(policy || sft) per sample
-    (`sft=None`: no KL, and none of the two log-prob passes it costs).
+    (`sft=None`: no KL, and no pass of the SFT).
 
-    KL is estimated on the policy's own samples, at the sampling temperature, two ways: `kl` is the
+    KL is estimated on the policy's own samples, at the sampling temperature, from the logits that drew
+    them (kept by the sampler) and one pass of the SFT, two ways: `kl` is the
     exact per-position KL over the vocabulary summed along the sequence (low variance, >= 0), `kl_k1`
     the sum of log-ratios of the sampled tokens. With a `reference` LM (same tokenizer, never trained by
     RL), `ref_nll` is the completion's mean negative log-likelihood per token under it at temperature 1:
@@ -155,13 +156,13 @@ def sample_and_score(
         chunk = jobs[i : i + batch_size]
         prompt_ids, prompt_mask = left_pad([prompt_rows[p] for p, _ in chunk], tokenizer.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        completions, mask = sample_completions(
+        completions, mask, *drew = sample_completions(
             policy, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-            eos_token_id=tokenizer.eos_token_id, compiled=compiled,
+            eos_token_id=tokenizer.eos_token_id, compiled=compiled, return_logits=sft is not None,
         )  # fmt: skip
         kl = k1 = None
-        if sft is not None:  # two full passes, the policy's and the SFT's, for KL(pi || pi_sft)
-            logits = completion_logits(policy, prompt_ids, prompt_mask, completions, temperature)
+        if sft is not None:  # KL(pi || pi_sft): the logits that drew each token, and one pass of the SFT
+            logits = drew[0]
             ref_logits = completion_logits(
                 sft, prompt_ids, prompt_mask, completions.to(model_device(sft)), temperature
             )

@@ -43,9 +43,11 @@ def sample_categorical(logits: Tensor) -> Tensor:
 @torch.no_grad()
 def sample_completions(
     policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, temperature: float,
-    eos_token_id: int, pad_token_id: int | None = None, compiled: bool = False,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Sample completions of left-padded prompts; return (B, L) completion ids and (B, L) mask.
+    eos_token_id: int, pad_token_id: int | None = None, compiled: bool = False, return_logits: bool = False,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """Sample completions of left-padded prompts; return (B, L) completion ids and (B, L) mask, and with
+    `return_logits` the (B, L, V) float32 logits / T that drew each token (what `utils.completion_logits`
+    computes in a second pass, so that KL on the policy's own samples needs no extra pass).
 
     Plain ancestral sampling from softmax(logits / T) over the whole vocabulary with a KV cache, whatever
     the model's own generation_config says; it stops as soon as every row has produced EOS. Finished rows
@@ -81,9 +83,14 @@ def sample_completions(
             policy, prompt_ids, mask[:, :n_prompt], position[:, :n_prompt], slots[:n_prompt], cache
         )
         finished = torch.zeros(n_rows, dtype=torch.bool, device=prompt_ids.device)
-        tokens = []
+        tokens, drew = [], None
+        if return_logits:
+            drew = logits.new_empty(n_rows, max_new_tokens, logits.shape[-1], dtype=torch.float32)
         for t in range(n_prompt, n_prompt + max_new_tokens):
-            token = sample_categorical(logits.float() / temperature).masked_fill(finished, pad)
+            scaled = logits.float() / temperature
+            token = sample_categorical(scaled).masked_fill(finished, pad)
+            if drew is not None:
+                drew[:, len(tokens)] = scaled
             tokens.append(token)
             finished |= token == eos_token_id
             if t == n_prompt + max_new_tokens - 1 or bool(finished.all()):
@@ -94,7 +101,8 @@ def sample_completions(
     finally:
         policy.train(was_training)
     completions = torch.stack(tokens, 1)
-    return completions, completion_mask(completions, eos_token_id)
+    mask = completion_mask(completions, eos_token_id)
+    return (completions, mask) if drew is None else (completions, mask, drew[:, : len(tokens)])
 
 
 def completion_mask(completions: Tensor, eos_token_id: int) -> Tensor:

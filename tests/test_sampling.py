@@ -381,3 +381,29 @@ def test_under_bf16_log_probs_and_the_kl_to_a_near_anchor_keep_their_float32_val
     (logp32, kl32), (logp16, kl16) = logprobs_and_kl(False), logprobs_and_kl(True)
     assert ((logp16 - logp32) * mask).abs().max().item() < 0.02
     assert kl16 == pytest.approx(kl32, rel=0.05) and kl32 > 0
+
+
+def test_the_logits_the_sampler_returns_are_those_that_drew_each_token(make_gpt2):
+    """`return_logits=True` gives the (B, L, V) logits / T that drew each token: the sampler's softmax, and in
+    float32 the numbers of `utils.completion_logits`' full pass wherever the mask counts, so that the
+    evaluation's KL can use them instead of a second pass of the policy."""
+    model = peaked_gpt2(make_gpt2)
+    seen = []
+    draw = sampling.sample_categorical
+    ids, pmask = utils.left_pad(BF16_PROMPTS, pad_id=1)
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sampling, "sample_categorical", lambda logits: seen.append(logits) or draw(logits))
+        completions, mask, logits = sampling.sample_completions(
+            model, ids, pmask, max_new_tokens=12, temperature=0.9, eos_token_id=1, return_logits=True
+        )
+    torch.manual_seed(0)
+    again, _ = sampling.sample_completions(
+        model, ids, pmask, max_new_tokens=12, temperature=0.9, eos_token_id=1
+    )
+    assert torch.equal(again, completions)  # keeping the logits changes no draw
+    assert logits.shape == (*completions.shape, model.config.vocab_size) and logits.dtype == torch.float32
+    assert torch.equal(logits, torch.stack(seen, 1))
+    full = utils.completion_logits(model, ids, pmask, completions, 0.9)
+    assert mask.sum() < mask.numel()  # some rows ended early: their padding is not compared
+    assert ((logits - full).abs().amax(-1) * mask).max().item() < 1e-4

@@ -228,6 +228,9 @@ def test_the_command_writes_the_report_and_every_model_of_every_seed(smoke):
         assert table.groupby("model").prompt.apply(tuple).nunique() == 1  # the same prompts for all
     assert result["seeds"] == list(arms.SMOKE.seeds)
     assert "## The paper's claims" in (out / "study.md").read_text()
+    limit = pd.read_csv(runner.limit_path(out))  # its parts joined: every prompt, N samples each
+    assert len(runner.limit_parts(arms.SMOKE)) == 2 and len(limit) == len(limit.drop_duplicates())
+    assert limit.groupby("prompt").size().to_dict() == dict.fromkeys(range(4), arms.SMOKE.limit_samples)
 
 
 def test_models_of_a_seed_share_draws_and_seeds_do_not(smoke):
@@ -244,13 +247,17 @@ def test_a_rerun_reads_back_and_an_interrupted_seed_redoes_only_what_is_missing(
 
     out, args, _ = smoke
     kept = sorted((runner.seed_dir(out, 0)).glob("**/metrics.json")) + [runner.result_path(out, 1)]
+    kept += sorted((out / "limit_cache").glob("sft_samples-*.csv"))  # the limit's parts
     stamps = [p.stat().st_mtime_ns for p in kept]
     runner.result_path(out, 0).unlink()  # seed 0 "killed" after training, one evaluation lost
     lost = runner.seed_dir(out, 0) / "eval" / "T2_M=2_SLERP_eta=1.0.csv"
     lost.unlink()
+    limit = pd.read_csv(runner.limit_path(out))
+    runner.limit_path(out).unlink()  # killed before the limit's parts were joined
     main(args)
-    assert [p.stat().st_mtime_ns for p in kept] == stamps  # no run retrained, seed 1 not redone
+    assert [p.stat().st_mtime_ns for p in kept] == stamps  # no run retrained, seed 1 and no part redone
     assert lost.exists() and runner.result_path(out, 0).exists()
+    pd.testing.assert_frame_equal(pd.read_csv(runner.limit_path(out)), limit)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@
   diagnostics) are all the report needs: they are small enough to commit, so that a later session on
   another machine adds seeds to the same study (`--out` pointing at a folder holding them).
 - The testbed's limit: `limit_samples` SFT completions per held-out prompt, scored
-  (`<out>/evaluated/limit.csv.gz`), once for the study.
+  (`<out>/evaluated/limit.csv.gz`), once for the study, in `limit_parts` parts by prompts (each cached
+  when done) queued after the seeds, so that they fill the time the last seeds leave idle.
 
 Every model of a seed is evaluated on the same held-out prompts (the same for every seed) with that seed's
 own sampling seed, so differences are paired by prompt within a seed and the evaluation noise differs
@@ -245,28 +246,51 @@ def run_seed(paths: dict, study: arms.Study, seed: int, out: str) -> str:
     return str(target)
 
 
-def run_limit(paths: dict, study: arms.Study, out: str) -> str:
-    """The SFT's `limit_samples` completions per held-out prompt, scored (`limits.sft_samples`)."""
+def limit_parts(study: arms.Study) -> list[range]:
+    """The held-out prompts of each part of the limit: two parts per worker, so that the last ones to
+    start wait for at most half a part."""
+    n = min(2 * study.workers, study.n_prompts)
+    bounds = [round(i * study.n_prompts / n) for i in range(n + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def run_limit_part(paths: dict, study: arms.Study, out: str, part: int):
+    """Part `part` of the limit: the SFT's `limit_samples` completions of those prompts, scored
+    (`limits.sft_samples`: computed once with the part's own sampling seed, then read from
+    `<out>/limit_cache`). Returns (its table, prompts numbered as the seeds', and the minutes it took,
+    kept beside the cache so that a resumed study still counts them)."""
+    import torch
+
     import limits
 
-    target = limit_path(Path(out))
-    if target.exists():
-        return str(target)
+    prompts = limit_parts(study)[part]
+    timing = Path(out) / "limit_cache" / f"part{part}-of-{len(limit_parts(study))}.json"
     ecfg = eval_config(study)
     _, tokenizer = utils.load_policy(paths["sft"])
     rows, _, _ = evaluation.eval_prompts(paths["data"], tokenizer, ecfg.n_prompts, ecfg.prompt_tokens)
-    import torch
-
     torch.set_num_threads(study.threads)
     start = time.time()
     table = limits.sft_samples(
-        Path(out) / "limit_cache", paths["sft"], paths["reward_model"], rows, n_samples=study.limit_samples,
-        temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens, seed=EVAL_SEED - 1,
-        batch_size=256,
+        Path(out) / "limit_cache", paths["sft"], paths["reward_model"], [rows[i] for i in prompts],
+        n_samples=study.limit_samples, temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens,
+        seed=EVAL_SEED - 1 - part, batch_size=256,
     )  # fmt: skip
-    meta = {"minutes": (time.time() - start) / 60, "machine": machine(study.threads),
-            "samples": study.limit_samples, "prompts": len(rows)}  # fmt: skip
-    write_result(table[["prompt", "sample", "score"]], target, meta)
+    if not timing.exists():
+        checkpoints.atomic_write_text(timing, json.dumps({"minutes": (time.time() - start) / 60}))
+    return table.assign(prompt=table["prompt"] + prompts.start), json.loads(timing.read_text())["minutes"]
+
+
+def run_limit(paths: dict, study: arms.Study, out: str) -> str:
+    """The limit's table (`<out>/evaluated/limit.csv.gz`) from its parts, each run here if not done yet."""
+    import pandas as pd
+
+    target = limit_path(Path(out))
+    if not target.exists():
+        parts = [run_limit_part(paths, study, out, i) for i in range(len(limit_parts(study)))]
+        meta = {"minutes": sum(m for _, m in parts), "machine": machine(study.threads),
+                "samples": study.limit_samples, "prompts": study.n_prompts, "parts": len(parts)}  # fmt: skip
+        table = pd.concat([t for t, _ in parts], ignore_index=True)
+        write_result(table[["prompt", "sample", "score"]], target, meta)
     return str(target)
 
 
@@ -285,20 +309,28 @@ def machine(threads: int) -> str:
 
 def _job(job):
     kind, paths, study, arg, out = job
-    return run_limit(paths, study, out) if kind == "limit" else run_seed(paths, study, arg, out)
+    if kind == "limit":
+        return run_limit_part(paths, study, out, arg)[1]
+    return run_seed(paths, study, arg, out)
+
+
+def part_done(out: Path, study: arms.Study, part: int) -> bool:
+    return (Path(out) / "limit_cache" / f"part{part}-of-{len(limit_parts(study))}.json").exists()
 
 
 def run_all(paths: dict, study: arms.Study, out: Path) -> None:
-    """The limit and every seed not finished yet, `study.workers` at a time, with one overall bar (units of
-    RL steps, time left from the rate so far)."""
+    """Every seed not finished yet, then the limit's parts not done yet, `study.workers` at a time, with one
+    overall bar (units of RL steps, time left from the rate so far); then the limit's table."""
     from tqdm.auto import tqdm
 
     out = Path(out)
-    jobs = [("limit", paths, study, None, str(out))] if not limit_path(out).exists() else []
-    jobs += [("seed", paths, study, s, str(out)) for s in study.seeds if not result_path(out, s).exists()]
+    jobs = [("seed", paths, study, s, str(out)) for s in study.seeds if not result_path(out, s).exists()]
+    if not limit_path(out).exists():
+        parts = range(len(limit_parts(study)))
+        jobs += [("limit", paths, study, k, str(out)) for k in parts if not part_done(out, study, k)]
     limit_units = study.limit_samples * study.n_prompts / 768 * 16  # scoring only: ~16 steps per 768
     per_seed = seed_units(study)
-    units = lambda job: limit_units if job[0] == "limit" else per_seed  # noqa: E731
+    units = lambda job: limit_units / len(limit_parts(study)) if job[0] == "limit" else per_seed  # noqa: E731
     total = per_seed * len(study.seeds) + limit_units
     finished = total - sum(units(j) for j in jobs)
     print(f"[study] {arms.describe(study)}", flush=True)
@@ -308,10 +340,10 @@ def run_all(paths: dict, study: arms.Study, out: Path) -> None:
     def done_units() -> float:
         done = finished
         for job in jobs:
-            kind, seed = job[0], job[3]
-            if (limit_path(out) if kind == "limit" else result_path(out, seed)).exists():
+            kind, arg = job[0], job[3]
+            if part_done(out, study, arg) if kind == "limit" else result_path(out, arg).exists():
                 done += units(job)
-            elif kind == "seed" and (p := out / "progress" / f"seed{seed}.json").exists():
+            elif kind == "seed" and (p := out / "progress" / f"seed{arg}.json").exists():
                 done += json.loads(p.read_text())["done"]
         return done
 
@@ -337,5 +369,6 @@ def run_all(paths: dict, study: arms.Study, out: Path) -> None:
                 pending.wait(10)
                 bar.update(max(0, round(done_units()) - bar.n))
             pending.get()  # re-raises a worker's error
+    run_limit(paths, study, out)  # the parts' tables (cached) joined
     bar.update(round(total) - bar.n)
     bar.close()
