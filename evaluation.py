@@ -138,9 +138,9 @@ def sample_and_score(
     (`sft=None`: no KL, and no pass of the SFT).
 
     KL is estimated on the policy's own samples, at the sampling temperature, from the logits that drew
-    them (kept by the sampler) and one pass of the SFT, two ways: `kl` is the
-    exact per-position KL over the vocabulary summed along the sequence (low variance, >= 0), `kl_k1`
-    the sum of log-ratios of the sampled tokens. With a `reference` LM (same tokenizer, never trained by
+    them (kept by the sampler) and one pass of the SFT, two ways: `kl` is the exact per-position KL over
+    the vocabulary summed along the sequence (low variance, >= 0), `kl_k1` the sum of log-ratios of the
+    sampled tokens. With a `reference` LM (same tokenizer, never trained by
     RL), `ref_nll` is the completion's mean negative log-likelihood per token under it at temperature 1:
     fluency, so that reward bought with broken text shows. With `gold` (text -> float, a judge the reward
     model never learnt from, e.g. the offline corpus's lexicon), `gold` is its score of the text, so that

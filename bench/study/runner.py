@@ -254,6 +254,11 @@ def limit_parts(study: arms.Study) -> list[range]:
     return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
+def part_timing(out: str | Path, study: arms.Study, part: int) -> Path:
+    """A part of the limit's minutes, written when the part is done (so it also marks it done)."""
+    return Path(out) / "limit_cache" / f"part{part}-of-{len(limit_parts(study))}.json"
+
+
 def run_limit_part(paths: dict, study: arms.Study, out: str, part: int):
     """Part `part` of the limit: the SFT's `limit_samples` completions of those prompts, scored
     (`limits.sft_samples`: computed once with the part's own sampling seed, then read from
@@ -264,7 +269,7 @@ def run_limit_part(paths: dict, study: arms.Study, out: str, part: int):
     import limits
 
     prompts = limit_parts(study)[part]
-    timing = Path(out) / "limit_cache" / f"part{part}-of-{len(limit_parts(study))}.json"
+    timing = part_timing(out, study, part)
     ecfg = eval_config(study)
     _, tokenizer = utils.load_policy(paths["sft"])
     rows, _, _ = evaluation.eval_prompts(paths["data"], tokenizer, ecfg.n_prompts, ecfg.prompt_tokens)
@@ -314,10 +319,6 @@ def _job(job):
     return run_seed(paths, study, arg, out)
 
 
-def part_done(out: Path, study: arms.Study, part: int) -> bool:
-    return (Path(out) / "limit_cache" / f"part{part}-of-{len(limit_parts(study))}.json").exists()
-
-
 def run_all(paths: dict, study: arms.Study, out: Path) -> None:
     """Every seed not finished yet, then the limit's parts not done yet, `study.workers` at a time, with one
     overall bar (units of RL steps, time left from the rate so far); then the limit's table."""
@@ -326,8 +327,8 @@ def run_all(paths: dict, study: arms.Study, out: Path) -> None:
     out = Path(out)
     jobs = [("seed", paths, study, s, str(out)) for s in study.seeds if not result_path(out, s).exists()]
     if not limit_path(out).exists():
-        parts = range(len(limit_parts(study)))
-        jobs += [("limit", paths, study, k, str(out)) for k in parts if not part_done(out, study, k)]
+        todo = [k for k in range(len(limit_parts(study))) if not part_timing(out, study, k).exists()]
+        jobs += [("limit", paths, study, k, str(out)) for k in todo]
     limit_units = study.limit_samples * study.n_prompts / 768 * 16  # scoring only: ~16 steps per 768
     per_seed = seed_units(study)
     units = lambda job: limit_units / len(limit_parts(study)) if job[0] == "limit" else per_seed  # noqa: E731
@@ -341,7 +342,7 @@ def run_all(paths: dict, study: arms.Study, out: Path) -> None:
         done = finished
         for job in jobs:
             kind, arg = job[0], job[3]
-            if part_done(out, study, arg) if kind == "limit" else result_path(out, arg).exists():
+            if (part_timing(out, study, arg) if kind == "limit" else result_path(out, arg)).exists():
                 done += units(job)
             elif kind == "seed" and (p := out / "progress" / f"seed{arg}.json").exists():
                 done += json.loads(p.read_text())["done"]
