@@ -175,14 +175,35 @@ def no_store_hint(where: str) -> str:
     )
 
 
-def earlier_outputs(root: Path | None = None, depth: int = 4) -> list[Path]:
-    """Folders under Kaggle's inputs (`root`, default KAGGLE_INPUT), up to `depth` levels down, where an
-    earlier notebook's checkpoints may be (its output added as input holds its working folder, with the
-    checkpoints somewhere inside)."""
+def earlier_outputs(root: Path | None = None, below: int = 2, max_entries: int = 1000) -> list[Path]:
+    """Folders under Kaggle's inputs (`root`, default KAGGLE_INPUT) where an earlier notebook's checkpoints
+    may be: each added input and the folders up to `below` levels inside it, the shallowest first.
+
+    Kaggle mounts an input at `datasets/<owner>/<slug>` or `notebooks/<owner>/<slug>` (older: `<slug>`).
+    A notebook's output holds its working folder, the checkpoints one level in (or two, under a clone);
+    an uploaded zip adds a folder. The search is bounded: hidden folders are skipped, and a folder of more
+    than `max_entries` entries (a data set's files, not an output) is not looked into.
+    """
+
+    def folders_in(folder: Path) -> list[Path]:
+        entries = []
+        try:
+            with os.scandir(folder) as listing:
+                for entry in listing:  # read no more of a large folder than needed to tell it is large
+                    entries.append(entry)
+                    if len(entries) > max_entries:
+                        return []
+        except OSError:
+            return []
+        return sorted(Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir())
+
     root = root or KAGGLE_INPUT
-    found, level = [], [root] if root.is_dir() else []
-    for _ in range(depth):
-        level = sorted(p for d in level for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+    groups = ("datasets", "notebooks")  # Kaggle's layout: <group>/<owner>/<slug>
+    level = [slug for group in groups for owner in folders_in(root / group) for slug in folders_in(owner)]
+    level += [p for p in folders_in(root) if p.name not in groups]
+    found = list(level)
+    for _ in range(below):
+        level = [p for folder in level for p in folders_in(folder)]
         found += level
     return found
 
