@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import storage
-from tests.test_layout import run_setup_cell
+from tests.test_layout import ROOT, run_setup_cell
 
 # Kaggle's inputs: datasets/<owner>/<slug> and notebooks/<owner>/<slug> now, <slug> before; an uploaded zip
 # adds one folder (GitHub's "Download ZIP" holds warp-imdb-main/)
@@ -83,6 +83,13 @@ def test_without_the_code_the_setup_cell_says_where_it_looked_and_what_each_inpu
     assert f"{partial / 'warp.py'} has no requirements.txt beside it" in message
     assert f"{drive}: not there" in message
     assert "Kaggle add the repository as a dataset" in message  # and what to do (tests/test_layout.py)
+    row = (ROOT / "docs" / "troubleshooting.md").read_text().split("| the setup cell finds no copy")[1]
+    for quoted in (
+        "the code of this series is not here (looked in ",
+        ": no warp.py in it or one folder down (it holds: ",
+        "has no requirements.txt beside it",
+    ):
+        assert quoted in message and quoted in row.split("\n")[0], quoted
     (data / "README.md").unlink()
     (data / "docs").rmdir()
     emptied = cell["where_looked"]([kaggle])

@@ -183,3 +183,72 @@ def test_a_notebook_never_shows_the_token_and_says_how_to_push_later(tmp_path):
     assert "HF_TOKEN: found" in text and "To keep it beyond this session, set STORE" in text
     assert secret not in (tmp_path / "01_reward_model.out.ipynb").read_text()
     assert json.loads((tmp_path / "ck" / "reward_model" / "metrics.json").read_text())["epochs"] == 1
+
+
+def troubleshooting_row(case: str) -> str:
+    """The row of docs/troubleshooting.md whose case starts with `case`."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md").read_text()
+    return next(line for line in text.splitlines() if line.startswith(f"| {case}"))
+
+
+def test_troubleshooting_quotes_what_a_missing_earlier_output_prints(tmp_path, monkeypatch):
+    """Both messages a notebook can stop with (the `checkpoints` folder missing: the id is tried on the
+    Hub; or there) are the ones the row quotes, with what to do."""
+    import checkpoints
+
+    monkeypatch.chdir(tmp_path)
+    hint = storage.missing_hint("01_reward_model.ipynb", "the reward model")
+    messages = []
+    for made in (False, True):
+        if made:
+            (tmp_path / "checkpoints").mkdir()
+        with pytest.raises(FileNotFoundError) as missing:
+            checkpoints.resolve_checkpoint("checkpoints/reward_model", hint=hint)
+        messages.append(str(missing.value))
+    row = troubleshooting_row("a missing earlier output")
+    assert messages[0].startswith("checkpoints/reward_model: not a local folder, nor on the Hub (")
+    assert messages[1].startswith("no checkpoint at checkpoints/reward_model. ")
+    for quoted in (
+        "checkpoints/reward_model: not a local folder, nor on the Hub (",
+        "no checkpoint at checkpoints/reward_model. ",
+        "the reward model is made by 01_reward_model.ipynb: run it first with the same STORE (",
+        "or on Kaggle add 01_reward_model.ipynb's output as input (Add Input -> Your Work)",
+    ):
+        assert quoted in row and any(quoted in m for m in messages), quoted
+    assert "WARP is made by 02_warp_training.ipynb: " in storage.missing_hint(
+        "02_warp_training.ipynb", "WARP"
+    )
+    assert "earlier output found: " in row and "Save & Run All" in row
+
+
+def test_a_full_drive_store_warns_keeps_the_local_copy_and_is_in_troubleshooting(tmp_path, monkeypatch):
+    """A folder store whose disk is full (a Drive over its quota): the push warns with the message the
+    troubleshooting row quotes, says it did not store, and the local copy and the store's old file stay."""
+    import errno
+    import shutil
+
+    root, drive = tmp_path / "checkpoints", tmp_path / "MyDrive" / "warp-imdb-checkpoints"
+    (root / "eval").mkdir(parents=True)
+    (root / "eval" / "results.csv").write_text("new")
+    (drive / "eval").mkdir(parents=True)
+    (drive / "eval" / "results.csv").write_text("old")
+
+    def full(src, dst, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", full)
+    store = storage.Store(str(drive), root)
+    with pytest.warns(UserWarning) as caught:
+        assert store.push(root / "eval" / "results.csv") is False
+    warning = str(caught[0].message)
+    assert warning.startswith(f"could not push {root / 'eval' / 'results.csv'} to {drive} (OSError: ")
+    assert "(OSError: [Errno 28] disk full while writing " in warning
+    assert (root / "eval" / "results.csv").read_text() == "new" and (
+        drive / "eval" / "results.csv"
+    ).read_text() == "old"
+    row = troubleshooting_row("a full Drive")
+    assert "`could not push ... to /content/drive/MyDrive/warp-imdb-checkpoints (OSError: " in row
+    assert "(OSError: [Errno 28] disk full while writing ...)" in row
+    assert "Empty bin" in row and "30 days" in row and "Hub store" in row
