@@ -65,6 +65,23 @@ def test_the_setup_cell_search_is_bounded(tmp_path):
     assert find_code([kaggle]) == big / "code"
 
 
+def test_the_setup_cell_stops_looking_once_it_finds_the_code(tmp_path):
+    """No folder inside an input is listed when an input's top holds the code."""
+    import os
+    import types
+
+    cell = run_setup_cell()
+    kaggle = tmp_path / "input"
+    code = write_code(kaggle / "datasets" / "me" / "warp-imdb")
+    (kaggle / "notebooks" / "me" / "warp-01" / "checkpoints").mkdir(parents=True)
+    listed = []
+    cell["os"] = types.SimpleNamespace(
+        scandir=lambda folder: listed.append(Path(folder)) or os.scandir(folder)
+    )
+    assert cell["find_code"]([kaggle]) == code
+    assert code not in listed and kaggle / "notebooks" / "me" / "warp-01" not in listed
+
+
 def test_without_the_code_the_setup_cell_says_where_it_looked_and_what_each_input_holds(tmp_path):
     cell = run_setup_cell()
     kaggle, drive = tmp_path / "input", tmp_path / "drive"
