@@ -134,6 +134,24 @@ class RunFiles:
         return self.final
 
 
+def optimizer_step(accelerator, optimizer, scheduler) -> bool:
+    """Adam's step, the scheduler's and zero_grad for one micro-batch inside `accelerator.accumulate`;
+    True when fp16's loss scaler skipped the update (inf/NaN gradients), and then the lr did not advance.
+
+    A skip is read from the scale as well, which GradScaler.update() lowers after a skip and only then:
+    accelerate's step_was_skipped misses the skips of a fused optimizer, whose step() GradScaler calls and
+    whose kernel skips the update itself (accelerate issue #4242), and would let the scheduler step."""
+    scaler = accelerator.scaler
+    scaled = scaler is not None and scaler.is_enabled() and accelerator.sync_gradients  # an update is due
+    scale = scaler.get_scale() if scaled else None
+    optimizer.step()
+    skipped = scaled and (optimizer.step_was_skipped or scaler.get_scale() < scale)
+    if not skipped:
+        scheduler.step()
+    optimizer.zero_grad()
+    return skipped
+
+
 def check_skips(skipped_in_a_row: int, step: int, limit: int = 25) -> None:
     """Stop a run whose fp16 loss scaler skipped `limit` optimizer steps in a row (the scale fell from 2^16
     to below 2^-8): its gradients are not finite at any scale, which no rerun fixes."""

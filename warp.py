@@ -177,11 +177,9 @@ def train_run(
                 )
                 runs.check_finite(s, step + 1, files.progress)  # a NaN stops the run before the weights
                 accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                skip = runs.optimizer_step(accelerator, optimizer, scheduler)  # Adam, then the lr if applied
             stats.append(s)
-        if accelerator.optimizer_step_was_skipped:  # fp16: inf gradients, no update (nor lr step) applied
+        if skip:  # fp16: inf gradients, no update (nor lr step) applied, whatever the optimizer
             skipped, in_a_row = skipped + 1, in_a_row + 1
             runs.check_skips(in_a_row, step)
             continue
