@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 import checkpoints
+import geometry
 import runs
 import sampling
 import storage
@@ -246,7 +247,7 @@ def warp(
         policies = [checkpoints.load_state_file(f) for f in finals]
         merged = utils.slerp(init, policies)
         runs.check_finite_state(merged, f"the SLERP merge of iteration {i}")
-        info = {"iteration": i, **utils.merge_diagnostics(init, policies, merged)}  # angles, norm ratios
+        info = {"iteration": i, **geometry.merge_diagnostics(init, policies, merged)}  # angles, norm ratios
         checkpoints.save_state(merged, it / "slerp.safetensors")
         checkpoints.atomic_write_text(it / "merge.json", checkpoints.to_json(info))
         # Alg. 1, line 11: theta_init <- (1 - eta) * theta_init + eta * theta_slerp

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import checkpoints
+import geometry
 import runs
 import utils
 import warp
@@ -38,7 +39,7 @@ def test_a_state_written_on_a_gpu_merges_with_one_written_on_the_cpu(tmp_path, m
         assert state["lm_head.weight"] is state["transformer.wte.weight"]
     merged = utils.slerp(init, loaded)
     assert all(torch.equal(merged[k], utils.slerp(init, policies)[k]) for k in merged)
-    assert 0 < utils.angle_summary(utils.task_vector_angles(init, loaded))["angle/mean"] < 180
+    assert 0 < geometry.angle_summary(geometry.task_vector_angles(init, loaded))["angle/mean"] < 180
 
 
 def test_state_of_copies_to_the_cpu_and_keeps_ties(make_gpt2):
