@@ -148,6 +148,27 @@ def gap_to_limit(limit_curve, kl, score, curve: str = "optimum"):
 # --- The SFT samples, computed once -------------------------------------------------------------------
 
 
+def model_fingerprint(source: str | Path) -> str:
+    """What a model is, for a cache key: a local folder (or file) by the SHA-256 of its files' names and
+    bytes (hidden ones such as `.cache/` aside), so that a model retrained in the same folder is another
+    model while a copy of it (a store pulled into a new session, new mtimes) is the same; anything else
+    (a Hub id) by its name. Reads every byte: about a second per GB, against the minutes of a table."""
+    path = Path(source)
+    if not path.exists():
+        return str(source)
+    files = [path] if path.is_file() else sorted(
+        f for f in path.rglob("*")
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
+    )  # fmt: skip
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.relative_to(path).as_posix()}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
 def sft_samples_key(
     sft: str,
     reward_model: str,
@@ -158,12 +179,15 @@ def sft_samples_key(
     max_new_tokens: int,
     seed: int,
 ) -> dict:
-    """What the SFT table depends on (the prompts by their tokens), with its `hash` for the file name."""
-    key = dict(sft=str(sft), reward_model=str(reward_model), n_samples=n_samples, temperature=temperature,
-               max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
+    """What the SFT table depends on, with its `hash` for the file name: the two models by their contents
+    (`model_fingerprint`; where they were read from is recorded in "paths", outside the hash), the prompts
+    by their tokens, and the sampling settings."""
+    key = dict(sft=model_fingerprint(sft), reward_model=model_fingerprint(reward_model), n_samples=n_samples,
+               temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
     prompts = hashlib.sha256(json.dumps([list(map(int, r)) for r in prompt_rows]).encode()).hexdigest()
     key["prompts"] = prompts
     key["hash"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    key["paths"] = {"sft": str(sft), "reward_model": str(reward_model)}
     return key
 
 

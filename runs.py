@@ -134,6 +134,24 @@ class RunFiles:
         return self.final
 
 
+def optimizer_step(accelerator, optimizer, scheduler) -> bool:
+    """Adam's step, the scheduler's and zero_grad for one micro-batch inside `accelerator.accumulate`;
+    True when fp16's loss scaler skipped the update (inf/NaN gradients), and then the lr did not advance.
+
+    A skip is read from the scale as well, which GradScaler.update() lowers after a skip and only then:
+    accelerate's step_was_skipped misses the skips of a fused optimizer, whose step() GradScaler calls and
+    whose kernel skips the update itself (accelerate issue #4242), and would let the scheduler step."""
+    scaler = accelerator.scaler
+    scaled = scaler is not None and scaler.is_enabled() and accelerator.sync_gradients  # an update is due
+    scale = scaler.get_scale() if scaled else None
+    optimizer.step()
+    skipped = scaled and (optimizer.step_was_skipped or scaler.get_scale() < scale)
+    if not skipped:
+        scheduler.step()
+    optimizer.zero_grad()
+    return skipped
+
+
 def check_skips(skipped_in_a_row: int, step: int, limit: int = 25) -> None:
     """Stop a run whose fp16 loss scaler skipped `limit` optimizer steps in a row (the scale fell from 2^16
     to below 2^-8): its gradients are not finite at any scale, which no rerun fixes."""
@@ -374,11 +392,26 @@ def _worker(fn, args: tuple, gpu: str | None, errors) -> None:
         raise SystemExit(1) from None
 
 
+def _stop(procs: list, grace: float = 10.0) -> None:
+    """End the given child processes and reap them: SIGTERM, then SIGKILL for those still alive after
+    `grace` seconds (a child holding a GPU frees it only when it is gone)."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 def run_parallel(fn, jobs: list[tuple], processes: int = 1, on_done=None) -> None:
     """Call `fn(*job)` for each job: one after another, or `processes` at a time in spawned processes,
     one per GPU when there are GPUs (`fn` takes a `device` keyword: "cpu", or None for the GPU it sees);
     `on_done(job)` follows each finished job. A failed job raises RuntimeError with the child's traceback,
-    after the other jobs have finished."""
+    after the other jobs have finished; an interrupt (or any exception) in the parent ends the children
+    first, then propagates."""
     on_done = on_done or (lambda job: None)
     if processes <= 1 or len(jobs) <= 1:
         for job in jobs:
@@ -392,13 +425,17 @@ def run_parallel(fn, jobs: list[tuple], processes: int = 1, on_done=None) -> Non
     errors = ctx.Queue()
     for start in range(0, len(jobs), processes):
         procs = []
-        for j, job in enumerate(jobs[start : start + processes]):
-            gpu = child_gpu(j % n_gpus, parent_visible) if n_gpus else None
-            p = ctx.Process(target=_worker, args=(fn, job, gpu, errors))
-            p.start()
-            procs.append(p)
-        for p in procs:
-            p.join()
+        try:
+            for j, job in enumerate(jobs[start : start + processes]):
+                gpu = child_gpu(j % n_gpus, parent_visible) if n_gpus else None
+                p = ctx.Process(target=_worker, args=(fn, job, gpu, errors))
+                p.start()
+                procs.append(p)
+            for p in procs:
+                p.join()
+        except BaseException:  # an interrupted cell (KeyboardInterrupt) or a failure here: no orphans
+            _stop(procs)
+            raise
         failed = [j for j, p in enumerate(procs, start=start) if p.exitcode != 0]
         for j, p in enumerate(procs, start=start):
             if p.exitcode == 0:

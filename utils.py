@@ -1,15 +1,14 @@
 """The small shared toolbox of the WARP series: data, models, log-probs, reward scoring, KL estimators,
-and weight merging (EMA anchor, SLERP of task vectors, LITI, task-vector angles).
+and weight merging (EMA anchor, SLERP of task vectors, LITI).
 
 Pure functions with no hidden state: nothing here prints, writes files, guesses a device or reads a
 global; callers pass the models, tensors and settings a function needs. The algorithm that puts these
-together is `warp.py`; sampling is `sampling.py`; configs are in `config.py`; files and the Hub in
-`checkpoints.py`; runs in `runs.py`.
+together is `warp.py`; sampling is `sampling.py`; a merge's angles and norm ratios are in `geometry.py`;
+configs in `config.py`; files and the Hub in `checkpoints.py`; runs in `runs.py`.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,6 +89,27 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
             ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r) :] = 1
     return ids, mask
+
+
+def length_buckets(
+    lengths: Sequence[int],
+    batch_size: int,
+    generator: torch.Generator,
+    pool: int = 50,
+    drop_last: bool = False,
+) -> list[list[int]]:
+    """One epoch of batches of indices into `lengths` whose items have similar lengths, so that padding
+    each batch to its own longest item wastes little compute. The indices are shuffled, sorted by length
+    within chunks of `pool` batches (batches stay random, lengths close), cut into batches, and the
+    batches shuffled. Every index appears once; `drop_last` drops what does not fill a whole batch.
+    A function of (lengths, batch_size, pool, the generator's state) only."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    chunk_size, stop = batch_size * pool, batch_size - 1 if drop_last else 0
+    batches = []
+    for i in range(0, len(order) - stop, chunk_size):
+        chunk = sorted(order[i : i + chunk_size], key=lengths.__getitem__)
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk) - stop, batch_size)]
+    return [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 # --- Models -------------------------------------------------------------------------------------------
@@ -410,108 +430,3 @@ def liti(init: dict[str, Tensor], merged: dict[str, Tensor], eta: float) -> dict
         for k in tied:
             out[k] = value
     return out
-
-
-def task_vector_angles(init: dict[str, Tensor], policies: list[dict[str, Tensor]]) -> dict[str, float]:
-    """Per-tensor angle in degrees between the task vectors of the first two policies (tied once).
-
-    NaN where a task vector is zero (the angle is undefined there).
-    """
-    if len(policies) < 2:
-        raise ValueError("angles need at least two policies")
-    _refuse_lora_factors(init)
-    out = {}
-    for key in _unique_keys(init):
-        if not init[key].is_floating_point():
-            continue
-        base = init[key].float()
-        d1 = (policies[0][key].to(base.device, torch.float32) - base).flatten()
-        d2 = (policies[1][key].to(base.device, torch.float32) - base).flatten()
-        n1, n2 = d1.norm(), d2.norm()
-        if n1 == 0 or n2 == 0:
-            out[key] = float("nan")
-            continue
-        cos = (d1 @ d2 / (n1 * n2)).clamp(-1.0, 1.0)
-        out[key] = math.degrees(torch.arccos(cos).item())
-    return out
-
-
-def angle_summary(angles: dict[str, float]) -> dict[str, float]:
-    """Mean, min and max of per-tensor angles (degrees), ignoring undefined ones."""
-    vals = [v for v in angles.values() if not math.isnan(v)]
-    if not vals:
-        return {"angle/mean": float("nan"), "angle/min": float("nan"), "angle/max": float("nan")}
-    return {"angle/mean": sum(vals) / len(vals), "angle/min": min(vals), "angle/max": max(vals)}
-
-
-def task_vector_geometry(
-    init: dict[str, Tensor], policies: list[dict[str, Tensor]], merged: dict[str, Tensor] | None = None
-) -> dict[str, float]:
-    """Task vectors theta_m - init taken whole, flattened over all parameters (tied tensors once), as the
-    merging literature measures them (`angle_summary` averages per-tensor angles, each tensor counting
-    once whatever its size):
-
-    - "angle/flat": angle in degrees between the first two policies' task vectors;
-    - "norm_ratio/slerp": ||merged - init|| / mean_m ||theta_m - init||, `merged` = `slerp(init, policies)`
-      unless given; ~1 (SLERP keeps the norm of equal-norm task vectors);
-    - "norm_ratio/lerp": the same for the mean of the policies, cos(Omega / 2) for two at angle Omega
-      (paper, fig. 11). NaN where undefined (a zero task vector).
-    """
-    if len(policies) < 2:
-        raise ValueError("task-vector geometry needs at least two policies")
-    merged = slerp(init, policies) if merged is None else merged
-    sq = torch.zeros(len(policies), dtype=torch.float64)  # ||d_m||^2, summed over tensors
-    dot = slerp_sq = lerp_sq = 0.0
-    for key in _unique_keys(init):
-        if not init[key].is_floating_point():
-            continue
-        base = init[key].double()
-        ds = [(pol[key].to(base.device, torch.float64) - base).flatten() for pol in policies]
-        sq += torch.stack([d @ d for d in ds]).cpu()
-        dot += float(ds[0] @ ds[1])
-        slerp_sq += float((merged[key].to(base.device, torch.float64) - base).square().sum())
-        lerp_sq += float(torch.stack(ds).mean(0).square().sum())
-    norms = sq.sqrt()
-    mean_norm = float(norms.mean())
-    nan = float("nan")
-    cos = dot / float(norms[0] * norms[1]) if norms[0] > 0 and norms[1] > 0 else nan
-    return {
-        "angle/flat": math.degrees(math.acos(max(-1.0, min(1.0, cos)))) if cos == cos else nan,
-        "norm_ratio/slerp": math.sqrt(slerp_sq) / mean_norm if mean_norm > 0 else nan,
-        "norm_ratio/lerp": math.sqrt(lerp_sq) / mean_norm if mean_norm > 0 else nan,
-    }
-
-
-def merge_diagnostics(init: dict[str, Tensor], policies: list[dict[str, Tensor]], merged) -> dict[str, float]:
-    """What a merge's merge.json records: `angle_summary` of the per-tensor angles and `task_vector_geometry`
-    (flat angle, SLERP's and LERP's norm ratios); nothing for a single run."""
-    if len(policies) < 2:
-        return {}
-    return {
-        **angle_summary(task_vector_angles(init, policies)),
-        **task_vector_geometry(init, policies, merged),
-    }
-
-
-# --- Batching: length-bucketed batches -----------------------------------------------------------------
-
-
-def length_buckets(
-    lengths: Sequence[int],
-    batch_size: int,
-    generator: torch.Generator,
-    pool: int = 50,
-    drop_last: bool = False,
-) -> list[list[int]]:
-    """One epoch of batches of indices into `lengths` whose items have similar lengths, so that padding
-    each batch to its own longest item wastes little compute. The indices are shuffled, sorted by length
-    within chunks of `pool` batches (batches stay random, lengths close), cut into batches, and the
-    batches shuffled. Every index appears once; `drop_last` drops what does not fill a whole batch.
-    A function of (lengths, batch_size, pool, the generator's state) only."""
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    chunk_size, stop = batch_size * pool, batch_size - 1 if drop_last else 0
-    batches = []
-    for i in range(0, len(order) - stop, chunk_size):
-        chunk = sorted(order[i : i + chunk_size], key=lengths.__getitem__)
-        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk) - stop, batch_size)]
-    return [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 import checkpoints
+import geometry
 import runs
 import sampling
 import storage
@@ -177,11 +178,9 @@ def train_run(
                 )
                 runs.check_finite(s, step + 1, files.progress)  # a NaN stops the run before the weights
                 accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                skip = runs.optimizer_step(accelerator, optimizer, scheduler)  # Adam, then the lr if applied
             stats.append(s)
-        if accelerator.optimizer_step_was_skipped:  # fp16: inf gradients, no update (nor lr step) applied
+        if skip:  # fp16: inf gradients, no update (nor lr step) applied, whatever the optimizer
             skipped, in_a_row = skipped + 1, in_a_row + 1
             runs.check_skips(in_a_row, step)
             continue
@@ -248,7 +247,7 @@ def warp(
         policies = [checkpoints.load_state_file(f) for f in finals]
         merged = utils.slerp(init, policies)
         runs.check_finite_state(merged, f"the SLERP merge of iteration {i}")
-        info = {"iteration": i, **utils.merge_diagnostics(init, policies, merged)}  # angles, norm ratios
+        info = {"iteration": i, **geometry.merge_diagnostics(init, policies, merged)}  # angles, norm ratios
         checkpoints.save_state(merged, it / "slerp.safetensors")
         checkpoints.atomic_write_text(it / "merge.json", checkpoints.to_json(info))
         # Alg. 1, line 11: theta_init <- (1 - eta) * theta_init + eta * theta_slerp

@@ -90,11 +90,17 @@ def chosen_budget(rows: list[dict], tol: float) -> int | None:
     return None
 
 
+def read_progress(path: Path) -> dict:
+    """01's progress file, its tensors on the CPU whatever device wrote them (a session on a GPU)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def budget_curve(mode: str, args, data: Path, deadline: float) -> tuple[list[dict], int | None, dict]:
     """Train `mode` session by session to doubling budgets; the curve's rows, the chosen budget (None
     when the rule did not stop within the budgets or the time) and the notebook's saved config. With
     `args.resume`, a curve this folder holds is continued (same --start, --heldout and settings)."""
-    import torch
 
     work = Path(args.out).resolve() / mode
     progress_file = work / "ck" / "reward_model_progress" / "progress.pt"
@@ -102,7 +108,7 @@ def budget_curve(mode: str, args, data: Path, deadline: float) -> tuple[list[dic
     rows = []
     if args.resume and curve_file.exists() and progress_file.exists():
         rows = json.loads(curve_file.read_text())
-        assert torch.load(progress_file, weights_only=True)["history"][-1]["pairs"] == rows[-1]["pairs"]
+        assert read_progress(progress_file)["history"][-1]["pairs"] == rows[-1]["pairs"]
         print(f"{mode}: continuing the curve in {work} after {rows[-1]['pairs']} pairs")
     else:
         shutil.rmtree(work, ignore_errors=True)
@@ -131,7 +137,7 @@ def budget_curve(mode: str, args, data: Path, deadline: float) -> tuple[list[dic
             "mixed_precision": args.precision,
         }
         seconds = run_session(work, overrides, args.threads)
-        progress = torch.load(progress_file, weights_only=True)
+        progress = read_progress(progress_file)
         last = progress["history"][-1]
         assert last["pairs"] == budget, (last["pairs"], budget)
         if not rows:  # the untrained head (epoch 0), for reference

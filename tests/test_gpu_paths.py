@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 import checkpoints
+import geometry
 import runs
 import utils
 import warp
@@ -38,7 +41,7 @@ def test_a_state_written_on_a_gpu_merges_with_one_written_on_the_cpu(tmp_path, m
         assert state["lm_head.weight"] is state["transformer.wte.weight"]
     merged = utils.slerp(init, loaded)
     assert all(torch.equal(merged[k], utils.slerp(init, policies)[k]) for k in merged)
-    assert 0 < utils.angle_summary(utils.task_vector_angles(init, loaded))["angle/mean"] < 180
+    assert 0 < geometry.angle_summary(geometry.task_vector_angles(init, loaded))["angle/mean"] < 180
 
 
 def test_state_of_copies_to_the_cpu_and_keeps_ties(make_gpt2):
@@ -108,6 +111,42 @@ def fail_in_child(n: int, device=None) -> None:
 def test_a_failed_parallel_job_reports_its_traceback():
     with pytest.raises(RuntimeError, match=r"(?s)job\(s\) \[1\] failed.*ValueError: boom in job 1"):
         runs.run_parallel(fail_in_child, [(0,), (1,)], processes=2)
+
+
+def sleep_in_child(seconds: float, pid_file: str, device=None) -> None:
+    """A job for `run_parallel` that says which process it runs in, then sleeps."""
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(seconds)
+
+
+def test_an_interrupted_parallel_run_leaves_no_child_running(tmp_path):
+    """Ctrl-C in the cell (SIGINT to the parent while it waits for its children) ends both children,
+    which would otherwise train on, holding their GPUs, with no cell left to stop them."""
+    import signal
+    import threading
+
+    import psutil
+
+    pid_files, children = [tmp_path / f"job{j}.pid" for j in range(2)], []
+
+    def interrupt_once_both_run():
+        deadline = time.monotonic() + 120
+        while not all(f.exists() and f.read_text() for f in pid_files) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        children.extend(psutil.Process(int(f.read_text())) for f in pid_files)
+        os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C (a notebook's interrupt) sends the kernel
+
+    threading.Thread(target=interrupt_once_both_run, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runs.run_parallel(sleep_in_child, [(300.0, str(f)) for f in pid_files], processes=2)
+        assert len(children) == 2  # both had started when the interrupt came
+        alive = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"children {alive} still run"
+    finally:  # a failing run leaves none behind for the next tests either
+        for child in children:
+            if child.is_running():  # the same process (psutil checks its start time), not a reused pid
+                child.kill()
 
 
 def test_too_few_prompts_fail_at_once_with_what_to_change(monkeypatch, tmp_path):

@@ -4,6 +4,7 @@ uniform rewards, interpolation of the gap only between reliable neighbours, and 
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -246,6 +247,34 @@ def test_sft_samples_are_cached_and_recomputed_when_the_key_changes(tmp_path, mo
     limits.sft_samples(cache, sft, rm, rows, **{**KEY, "temperature": 1.0})
     limits.sft_samples(cache, sft, rm, rows[:1], **KEY)
     assert calls == [0.9, 1.0, 0.9] and len(list(cache.glob("sft_samples-*.csv"))) == 3
+
+
+@pytest.mark.parametrize("retrained", ["reward_model", "sft"])
+def test_a_model_retrained_in_its_folder_is_another_key_and_a_copy_the_same(tmp_path, monkeypatch, retrained):
+    """The cache keys the models by their contents, not their folders: a reward model (01 rerun) or an SFT
+    rewritten in the same folder samples and scores again, and the table is the new model's; a copy of
+    both folders elsewhere with new mtimes (a store pulled into a new session) reads the cached table."""
+    sft, rm = tiny.save_tiny_policy(tmp_path / "sft"), tiny.save_tiny_reward(tmp_path / "rm")
+    calls, real = [], limits.sample_and_score
+    monkeypatch.setattr(limits, "sample_and_score", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    cache, rows = tmp_path / "cache", [[5, 6, 7], [8, 9, 10]]
+    first = limits.sft_samples(cache, sft, rm, rows, **KEY)
+    if retrained == "reward_model":
+        tiny.save_tiny_reward(tmp_path / "rm", seed=1)  # same architecture: files of the same sizes
+    else:
+        tiny.save_tiny_policy(tmp_path / "sft", seed=1)
+    second = limits.sft_samples(cache, sft, rm, rows, **KEY)
+    assert len(calls) == 2 and len(list(cache.glob("sft_samples-*.csv"))) == 2
+    fresh = limits.sft_samples(tmp_path / "fresh", sft, rm, rows, **KEY)  # what the new models give
+    assert np.allclose(second["score"], fresh["score"], rtol=0, atol=1e-12)
+    assert not np.allclose(second["score"], first["score"], rtol=0, atol=1e-6)
+    copies = [
+        shutil.copytree(tmp_path / m, tmp_path / "pulled" / m, copy_function=shutil.copy)
+        for m in ("sft", "rm")
+    ]
+    calls.clear()
+    again = limits.sft_samples(cache, str(copies[0]), str(copies[1]), rows, **KEY)
+    assert not calls and np.allclose(again["score"], second["score"], rtol=0, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import geometry
 import utils
 
 # ------------------------------------------------------------------------------------------------------
@@ -468,7 +469,7 @@ def test_task_vector_angles_known_angles_at_any_scale(make, expected, scale):
     d1, d2 = make(e1, e2)
     init = {"w": torch.full((24,), 3.0)}
     pols = [{"w": init["w"] + scale * d1}, {"w": init["w"] + scale * d2}]
-    got = utils.task_vector_angles(init, pols)["w"]
+    got = geometry.task_vector_angles(init, pols)["w"]
     # 1e-4-scale vectors on a base of 3.0 lose bits in float32: a looser tolerance there
     assert got == pytest.approx(expected, abs=0.5 if scale < 1e-3 else 0.05)
 
@@ -477,33 +478,33 @@ def test_task_vector_angles_use_task_vectors_not_weights():
     """The angle is between theta_m - init, not between the weights (which are nearly parallel)."""
     e1, e2 = orthonormal(2, dim=24)
     init = {"w": torch.full((24,), 10.0)}
-    got = utils.task_vector_angles(init, [{"w": init["w"] + e1}, {"w": init["w"] + e2}])["w"]
+    got = geometry.task_vector_angles(init, [{"w": init["w"] + e1}, {"w": init["w"] + e2}])["w"]
     assert got == pytest.approx(90.0, abs=0.05)
 
 
 def test_task_vector_angles_tied_once_ints_skipped_zero_nan(make_gpt2):
     """Tied GPT-2 weights get one angle, integer tensors none, a zero task vector NaN."""
     _, init, pols = _tied_states(make_gpt2)
-    angles = utils.task_vector_angles(init, pols)
+    angles = geometry.task_vector_angles(init, pols)
     assert ("transformer.wte.weight" in angles) != ("lm_head.weight" in angles)
     assert len(angles) == len(list(make_gpt2().parameters()))  # one per distinct parameter
     assert all(0.0 < v < 180.0 for v in angles.values())
 
     init2 = {"w": torch.zeros(4), "i": torch.arange(4), "z": torch.ones(3)}
     pols2 = [{"w": torch.tensor([1.0, 0, 0, 0]), "i": torch.arange(4), "z": torch.ones(3)}] * 2
-    angles2 = utils.task_vector_angles(init2, pols2)
+    angles2 = geometry.task_vector_angles(init2, pols2)
     assert "i" not in angles2
     assert angles2["w"] == pytest.approx(0.0, abs=0.05)
     assert math.isnan(angles2["z"])
     with pytest.raises(ValueError):
-        utils.task_vector_angles(init2, pols2[:1])
+        geometry.task_vector_angles(init2, pols2[:1])
 
 
 def test_angle_summary_mean_min_max_ignoring_nan():
     """angle_summary gives mean/min/max over defined angles; all-undefined gives NaN."""
-    s = utils.angle_summary({"a": 30.0, "b": 90.0, "c": float("nan"), "d": 60.0})
+    s = geometry.angle_summary({"a": 30.0, "b": 90.0, "c": float("nan"), "d": 60.0})
     assert s == {"angle/mean": pytest.approx(60.0), "angle/min": 30.0, "angle/max": 90.0}
-    empty = utils.angle_summary({"a": float("nan")})
+    empty = geometry.angle_summary({"a": float("nan")})
     assert all(math.isnan(v) for v in empty.values())
 
 
@@ -542,7 +543,7 @@ def test_task_vector_geometry_of_two_equal_norm_task_vectors(degrees):
     d1, d2 = zip(*(at_angle(degrees, dim=s, seed=i) for i, s in enumerate(sizes)), strict=True)
     init = _split(torch.full((64,), 2.0), sizes)
     pols = [{k: init[k] + d[i] for i, k in enumerate(init)} for d in (d1, d2)]
-    got = utils.task_vector_geometry(init, pols)
+    got = geometry.task_vector_geometry(init, pols)
     assert got["angle/flat"] == pytest.approx(degrees, abs=0.01)
     assert got["norm_ratio/slerp"] == pytest.approx(1.0, abs=1e-5)
     assert got["norm_ratio/lerp"] == pytest.approx(math.cos(math.radians(degrees) / 2), abs=1e-5)
@@ -556,10 +557,10 @@ def test_flat_angle_weights_tensors_by_size_unlike_the_per_tensor_mean():
     small1, small2 = at_angle(90.0, dim=10, seed=2)
     init = {"big": torch.zeros(1000), "small": torch.zeros(10)}
     pols = [{"big": 10.0 * big1, "small": 0.1 * small1}, {"big": 10.0 * big2, "small": 0.1 * small2}]
-    flat = utils.task_vector_geometry(init, pols)["angle/flat"]
+    flat = geometry.task_vector_geometry(init, pols)["angle/flat"]
     a, b = torch.cat([10.0 * big1, 0.1 * small1]).double(), torch.cat([10.0 * big2, 0.1 * small2]).double()
     assert flat == pytest.approx(angle_deg(a, b), abs=1e-3) and flat < 3.0
-    mean = utils.angle_summary(utils.task_vector_angles(init, pols))["angle/mean"]
+    mean = geometry.angle_summary(geometry.task_vector_angles(init, pols))["angle/mean"]
     assert mean == pytest.approx(46.0, abs=0.01)
 
 
@@ -582,20 +583,20 @@ def test_task_vector_geometry_counts_tied_weights_once_and_uses_a_given_merge(ma
         pols.append(pol)
     names = [n for n, _ in model.named_parameters()]  # distinct parameters: the tied one once
     flat = [torch.cat([(p[n] - init[n]).double().flatten() for n in names]) for p in pols]
-    got = utils.task_vector_geometry(init, pols)
+    got = geometry.task_vector_geometry(init, pols)
     assert got["angle/flat"] == pytest.approx(angle_deg(*flat), abs=1e-3)
     twice = [
         torch.cat([f, (p["lm_head.weight"] - wte).double().flatten()])
         for f, p in zip(flat, pols, strict=True)
     ]
     assert abs(angle_deg(*twice) - angle_deg(*flat)) > 1.0  # the test can tell
-    assert utils.task_vector_geometry(init, pols, merged=init)["norm_ratio/slerp"] == 0.0
+    assert geometry.task_vector_geometry(init, pols, merged=init)["norm_ratio/slerp"] == 0.0
 
 
 def test_task_vector_geometry_zero_task_vector_is_nan_and_one_policy_refused():
     init = {"w": torch.zeros(4), "i": torch.arange(4)}
     pols = [{"w": torch.zeros(4), "i": torch.arange(4)}, {"w": torch.ones(4), "i": torch.arange(4)}]
-    got = utils.task_vector_geometry(init, pols)
+    got = geometry.task_vector_geometry(init, pols)
     assert math.isnan(got["angle/flat"]) and got["norm_ratio/lerp"] == pytest.approx(1.0)
     with pytest.raises(ValueError):
-        utils.task_vector_geometry(init, pols[:1])
+        geometry.task_vector_geometry(init, pols[:1])

@@ -291,57 +291,102 @@ def test_claim_out_dir_allows_only_harmless_changes(assets, tmp_path):
         runs.claim_out_dir(make_cfg(assets, tmp_path, beta=0.3))
 
 
-def test_a_step_the_fp16_loss_scaler_skips_moves_nothing_and_is_not_counted(
-    assets, tmp_path, monkeypatch, own_precision
-):
-    """A GradScaler skip (forced with an inf gradient at the second step) applies no Adam update, so the
-    anchor must not move either and the step does not count: T applied updates, T anchor moves, T
-    scheduler steps, the skip in the metrics. A run resumed after the skip ends bit for bit like one that
-    was not interrupted (the skipped step's prompts are skipped again)."""
+def scaled_on_the_cpu(monkeypatch, optimizer_kind):
+    """fp16's loss scaling on the CPU (accelerate gives the CPU no scaler; torch has one) with a fused or a
+    foreach Adam, whatever the device; returns the list the optimizer of a run is appended to."""
     import accelerate
 
-    class ScaledOnTheCpu(accelerate.Accelerator):  # accelerate gives the CPU no scaler; torch has one
+    class ScaledOnTheCpu(accelerate.Accelerator):
         def __init__(self, **kw):
             super().__init__(**kw)
             self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
 
+    made, real_adam = [], torch.optim.Adam
+
+    class Forced(real_adam):  # fused: GradScaler calls its step() and the kernel skips the update itself
+        def __init__(self, params, **kw):
+            kw = {k: v for k, v in kw.items() if k not in ("fused", "foreach")}
+            super().__init__(params, **kw, **{optimizer_kind: True})
+            made.append(self)
+
     monkeypatch.setattr(accelerate, "Accelerator", ScaledOnTheCpu)
-    real_loss, calls = warp.policy_loss, []
+    monkeypatch.setattr(torch.optim, "Adam", Forced)
+    return made
 
-    def loss_with_an_inf_gradient_at_call_2(policy, *args):
-        loss, stats, rows = real_loss(policy, *args)
-        calls.append(1)
-        if len(calls) == 2:  # a term with an infinite gradient and no effect on the logged statistics
-            loss = loss + next(policy.parameters()).sum() * float("inf")
-        return loss, stats, rows
 
-    monkeypatch.setattr(warp, "policy_loss", loss_with_an_inf_gradient_at_call_2)
-    counts = {"adam": 0, "ema": 0}
-    adam_step, ema = torch.optim.Adam.step, utils.ema_update
+def inf_gradients_at(monkeypatch, made, infinite):
+    """Make warp's loss have an infinite gradient at the calls `infinite(call)` says (1-based), through a
+    term with no effect on the logged statistics; returns, per call, what the run looked like before it:
+    a policy and an anchor weight, Adam's applied updates and the lr the scheduler set."""
+    real_loss, seen = warp.policy_loss, []
 
-    def counted_adam(self, *a, **k):
-        counts["adam"] += 1
-        return adam_step(self, *a, **k)
+    def loss(policy, anchor, *args):
+        weight = next(policy.parameters())
+        state = made[0].state.get(weight, {}) if made else {}
+        seen.append({
+            "policy": weight.detach().clone(),
+            "anchor": next(anchor.parameters()).detach().clone(),
+            "adam_steps": int(state["step"]) if "step" in state else 0,
+            "lr": made[0].param_groups[0]["lr"],
+        })  # fmt: skip
+        out, stats, rows = real_loss(policy, anchor, *args)
+        if infinite(len(seen)):
+            out = out + weight.sum() * float("inf")
+        return out, stats, rows
 
-    def counted_ema(*a):
-        counts["ema"] += 1
-        return ema(*a)
+    monkeypatch.setattr(warp, "policy_loss", loss)
+    return seen
 
-    monkeypatch.setattr(torch.optim.Adam, "step", counted_adam)
-    monkeypatch.setattr(utils, "ema_update", counted_ema)
+
+@pytest.mark.parametrize("optimizer_kind", ["foreach", "fused"])
+def test_a_step_the_fp16_loss_scaler_skips_moves_nothing_and_is_not_counted(
+    assets, tmp_path, monkeypatch, own_precision, optimizer_kind
+):
+    """A GradScaler skip (forced with an inf gradient at the second step) applies no Adam update, so the
+    anchor must not move either and the step does not count: T applied updates, T anchor moves, T
+    scheduler steps, the skip in the metrics. A run resumed after the skip ends bit for bit like one that
+    was not interrupted (the skipped step's prompts are skipped again). The same with a fused Adam, whose
+    step() GradScaler calls even when its kernel skips the update (accelerate issue #4242)."""
+    made = scaled_on_the_cpu(monkeypatch, optimizer_kind)
+    seen = inf_gradients_at(monkeypatch, made, lambda call: call == 2)
+    emas, ema = [], utils.ema_update
+    monkeypatch.setattr(utils, "ema_update", lambda *a: (emas.append(1), ema(*a)))
     cfg = make_cfg(assets, tmp_path / "out", steps=3)
     prompts = prompts_of(cfg)
     policy, _ = utils.load_policy(cfg.sft)
     checkpoints.save_state(utils.state_of(policy), tmp_path / "init.safetensors")
     whole = run_weights(cfg, prompts, tmp_path / "whole", tmp_path / "init.safetensors")
     history = json.loads((tmp_path / "whole" / "metrics.json").read_text())
-    assert len(calls) == 4 and counts == {"adam": 3, "ema": 3}  # 4 attempts, 1 skipped, 3 applied
+    assert len(seen) == 4 and len(emas) == 3  # 4 attempts, 1 skipped, 3 applied
+    assert [s["adam_steps"] for s in seen] == [0, 1, 1, 2]  # the skip (call 2) applied no update
+    assert int(made[0].state[next(iter(made[0].state))]["step"]) == 3
+    for key in ("policy", "anchor"):
+        assert not torch.equal(seen[0][key], seen[1][key])  # the first step moved both
+        assert torch.equal(seen[1][key], seen[2][key])  # the skipped one moved neither
+    assert [s["lr"] for s in seen][1:3] == [cfg.lr * 2 / 3] * 2  # nor the scheduler
     assert [h["optimizer/skipped_steps"] for h in history] == [0, 1, 1]
     lrs = [h["lr"] for h in history]  # warm-up 1/3, 2/3, 1 of lr: the skip did not advance it
     assert cfg.warmup_steps == 2 and lrs == pytest.approx([cfg.lr * 2 / 3, cfg.lr, cfg.lr])
-    calls.clear()
+    seen.clear()
     resumed = run_weights(cfg, prompts, tmp_path / "resumed", tmp_path / "init.safetensors", stop_at=2)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.parametrize("optimizer_kind", ["foreach", "fused"])
+def test_25_skips_in_a_row_stop_the_run(assets, tmp_path, monkeypatch, own_precision, optimizer_kind):
+    """Gradients that are infinite at every scale: 25 skipped steps in a row stop the run with
+    FloatingPointError, and in those 25 nothing moved (policy, anchor, Adam, lr) and nothing was saved."""
+    made = scaled_on_the_cpu(monkeypatch, optimizer_kind)
+    seen = inf_gradients_at(monkeypatch, made, lambda call: True)
+    cfg = make_cfg(assets, tmp_path / "out", steps=30)
+    spec = runs.RunSpec(str(tmp_path / "run"), "", seed=0, steps=cfg.steps)
+    with pytest.raises(FloatingPointError, match="skipped 25 optimizer steps in a row"):
+        warp.train_run(cfg, spec, prompts_of(cfg))
+    assert len(seen) == 25
+    for s in seen[1:]:
+        assert torch.equal(s["policy"], seen[0]["policy"]) and torch.equal(s["anchor"], seen[0]["anchor"])
+        assert s["adam_steps"] == 0 and s["lr"] == seen[0]["lr"]
+    assert not (tmp_path / "run" / "progress.pt").exists()
 
 
 def test_a_run_does_not_resume_in_another_precision(assets, tmp_path, monkeypatch, own_precision):

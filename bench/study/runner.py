@@ -28,6 +28,7 @@ from pathlib import Path
 import checkpoints
 import config
 import evaluation
+import geometry
 import runs
 import utils
 import warp
@@ -134,7 +135,7 @@ def train(paths: dict, study: arms.Study, seed: int, out: Path, progress: Progre
         info = {}
         if m.how == "slerp":  # Alg. 1, line 10
             state = utils.slerp(around, states)
-            info = utils.merge_diagnostics(around, states, state)
+            info = geometry.merge_diagnostics(around, states, state)
         elif m.how == "lerp":  # the mean of 2 runs (the only LERP arm)
             if len(states) != 2:
                 raise ValueError(f"{name}: LERP of {len(states)} runs is not an arm")
