@@ -12,7 +12,7 @@ from contextlib import redirect_stdout
 import pytest
 
 import storage
-from tests.test_store import FakeHub
+from tests.hub_standin import StandInHub
 
 
 @pytest.fixture
@@ -80,20 +80,19 @@ def test_a_folder_store_says_whether_it_outlives_the_session(tmp_path, monkeypat
 def test_a_store_without_write_access_is_refused_before_any_work(tmp_path, monkeypatch):
     """A read-only token (the Hub answers 403 to the write check's commit) and a folder that cannot be
     created both stop `open_store`, which each notebook calls in its config cell before any model loads."""
-    hub = FakeHub({}, read_only=True)
-    hub.install(monkeypatch)
+    StandInHub(tmp_path / "hub").install(monkeypatch)
     with pytest.raises(PermissionError, match=r"cannot create or write the Hub repo.*write token"):
         storage.open_store("me/warp-imdb", tmp_path, "hf_read_only", "kaggle")
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(PermissionError, match=r"cannot write there"):
         storage.open_store(str(tmp_path / "a_file" / "store"), tmp_path, None, "local")
-    writable = FakeHub({})
-    writable.install(monkeypatch)
+    writable = StandInHub(tmp_path / "writable").install(monkeypatch)
     with redirect_stdout(io.StringIO()) as out:
         store = storage.open_store("me/warp-imdb", tmp_path, "hf_x", "kaggle")
     assert store.location == "me/warp-imdb" and "is writable" in out.getvalue()
-    assert ("create", "me/warp-imdb", {"exist_ok": True, "private": True}) in writable.commits
-    assert [c for c in writable.commits if c[0] == "commit"] == [("commit", [".warp-store"])]  # one, small
+    created = [(c["repo"], c["exist_ok"], c["private"]) for c in writable.calls("create_repo")]
+    assert ("me/warp-imdb", True, True) in created
+    assert [c["added"] for c in writable.commits("me/warp-imdb")[1:]] == [[".warp-store"]]  # one, small
 
 
 def test_on_kaggle_an_earlier_notebooks_output_added_as_input_is_found_without_a_store(tmp_path, monkeypatch):
@@ -115,8 +114,7 @@ def test_on_kaggle_an_earlier_notebooks_output_added_as_input_is_found_without_a
 
 
 def test_one_push_is_one_commit_and_the_log_counts_what_was_sent(tmp_path, monkeypatch):
-    hub = FakeHub({})
-    hub.install(monkeypatch)
+    hub = StandInHub(tmp_path / "hub").install(monkeypatch)
     root = tmp_path / "ck"
     (root / "warp" / "final_slerp").mkdir(parents=True)
     (root / "warp" / "final_slerp" / "model.safetensors").write_bytes(b"w" * 100)
@@ -124,9 +122,9 @@ def test_one_push_is_one_commit_and_the_log_counts_what_was_sent(tmp_path, monke
     (root / "warp" / "merge.json").write_text("{}")
     store = storage.Store("me/warp-imdb", root, token="hf_x")
     assert store.push(root / "warp" / "final_slerp", root / "warp" / "merge.json")
-    commits = [c for c in hub.commits if c[0] == "commit"]
+    commits = [c["added"] for c in hub.commits("me/warp-imdb")[1:]]  # after the repo's initial commit
     assert commits == [
-        ("commit", ["warp/final_slerp/config.json", "warp/final_slerp/model.safetensors", "warp/merge.json"])
+        ["warp/final_slerp/config.json", "warp/final_slerp/model.safetensors", "warp/merge.json"]
     ]
     assert store.log[-1]["bytes"] == 100 + 2 + 2 and len(store.log) == 1
     folder = storage.Store(str(tmp_path / "drive"), root)
@@ -166,7 +164,7 @@ def test_01_says_stored_only_for_what_the_store_confirmed(tmp_path):
         def __bool__(self):
             return True
 
-        def push(self, *paths):
+        def push(self, *paths, delete=()):
             return self.ok
 
         def squash(self):

@@ -23,6 +23,7 @@ import storage
 import utils
 import warp
 from tests import tiny
+from tests.hub_standin import StandInHub
 from tests.notebook import kill_notebook_when
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,66 +154,10 @@ def test_model_card_names_hub_ids_in_its_metadata_and_local_paths_in_its_text(tm
     )
 
 
-class FakeHub:
-    """A stand-in for the Hub: files in a dict, with the failures a real repo gives."""
-
-    def __init__(self, files: dict[str, bytes], error: Exception | None = None, read_only: bool = False):
-        self.files, self.error, self.read_only, self.commits = files, error, read_only, []
-
-    def install(self, monkeypatch):
-        import huggingface_hub
-
-        hub = self
-
-        class Api:
-            def __init__(self, token=None):
-                pass
-
-            def list_repo_files(self, repo_id):
-                if hub.error is not None:
-                    raise hub.error
-                return list(hub.files)
-
-            def create_repo(self, repo_id, **kw):
-                hub.commits.append(("create", repo_id, kw))
-
-            def create_commit(self, repo_id, operations, commit_message=""):
-                from huggingface_hub import CommitOperationDelete
-
-                added = [op.path_in_repo for op in operations if not isinstance(op, CommitOperationDelete)]
-                hub.commits.append(("commit", added))
-                for op in operations:
-                    if isinstance(op, CommitOperationDelete):
-                        hub.files.pop(op.path_in_repo)
-                    else:
-                        hub.files[op.path_in_repo] = Path(op.path_or_fileobj).read_bytes()
-
-            def upload_file(self, path_or_fileobj, path_in_repo, repo_id, **kw):
-                if hub.read_only:
-                    raise PermissionError("403 Forbidden: this token cannot write")
-                hub.commits.append(("commit", [path_in_repo]))
-                hub.files[path_in_repo] = path_or_fileobj
-
-            def delete_files(self, repo_id, delete_patterns):
-                hub.commits.append(("delete", list(delete_patterns)))
-                for f in delete_patterns:
-                    hub.files.pop(f)
-
-        def download(repo_id, filename, local_dir, token=None):
-            target = Path(local_dir) / filename
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(hub.files[filename])
-            return str(target)
-
-        monkeypatch.setattr(huggingface_hub, "HfApi", Api)
-        monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-
-
 def test_hub_store_pulls_whole_folders_and_never_mistakes_an_error_for_an_empty_store(tmp_path, monkeypatch):
-    from huggingface_hub.errors import RepositoryNotFoundError
-
     files = {"warp/final_slerp/config.json": b"{}", "warp/final_slerp/model.safetensors": b"w", "x/y": b"z"}
-    FakeHub(files).install(monkeypatch)
+    hub = StandInHub(tmp_path / "hub").install(monkeypatch)
+    hub.put("me/warp", files)
     store = storage.Store("me/warp", tmp_path, token="hf_x")
     store.pull(tmp_path / "warp" / "final_slerp", tmp_path / "warp" / "missing.pt")
     assert sorted(p.name for p in (tmp_path / "warp" / "final_slerp").iterdir()) == [
@@ -223,11 +168,11 @@ def test_hub_store_pulls_whole_folders_and_never_mistakes_an_error_for_an_empty_
         tmp_path.glob("warp/.*")
     )  # only what was asked, no leftovers
     store.delete(tmp_path / "warp" / "final_slerp")
-    assert list(files) == ["x/y"]
+    assert list(hub.files("me/warp")) == ["x/y"]
 
-    FakeHub({}, RepositoryNotFoundError.__new__(RepositoryNotFoundError)).install(monkeypatch)
+    # a repo not created yet: RepositoryNotFoundError, the real one (404), means empty
     storage.Store("me/new", tmp_path / "fresh", token="hf_x").pull(tmp_path / "fresh" / "warp")  # nothing yet
-    FakeHub({}, ConnectionError("rate limited")).install(monkeypatch)
+    hub.fail("repo_info", status=429, times=10)  # rate limited through every retry
     with pytest.raises(ConnectionError):  # not "the store is empty": that would retrain and overwrite it
         storage.Store("me/warp", tmp_path / "other", token="hf_x").pull(tmp_path / "other" / "warp")
 
@@ -259,11 +204,11 @@ def test_release_frees_only_what_the_store_holds_and_pull_brings_it_back(tmp_pat
         (root / step / "model.safetensors").write_bytes(step.encode())
     (root / "metrics.json").write_text("[]")
     if kind == "hub":
-        files = {}
-        FakeHub(files).install(monkeypatch)
+        hub = StandInHub(tmp_path / "hub").install(monkeypatch)
         store = storage.Store("me/warp", tmp_path / "ck", token="hf_x")
-        for step in ("step00001", "step00002"):  # as if pushed
-            files[f"reinforce/{step}/model.safetensors"] = step.encode()
+        hub.put(
+            "me/warp", {f"reinforce/{s}/model.safetensors": s.encode() for s in ("step00001", "step00002")}
+        )
     else:
         store = storage.Store(str(tmp_path / "drive"), tmp_path / "ck")
         assert store.push(root / "step00001", root / "step00002")
