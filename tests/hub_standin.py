@@ -99,6 +99,11 @@ class StandInHub:
             fault = {"call": call, "status": status, "timeout": timeout, "hold": hold}
             state["faults"] += [{**fault, "at": first + k} for k in range(times)]
 
+    def clear_faults(self) -> None:
+        """Drop the faults still planned (an outage ends)."""
+        with self._state() as state:
+            state["faults"] = []
+
     def files(self, repo: str) -> dict[str, bytes]:
         """The repo's files at its head, with their bytes."""
         state = _read(self.folder / "state.json")

@@ -259,3 +259,74 @@ def test_04_killed_mid_sweep_resumes_from_the_store_bitwise(assets, tmp_path):
         final = Path("ck") / "mu_sweep" / f"mu={mu}" / "final_slerp" / "model.safetensors"
         a, b = load_file(str(work / final)), load_file(str(tmp_path / "whole" / final))
         assert all(torch.equal(a[k], b[k]) for k in a), mu
+
+
+def fake_run_files(monkeypatch):
+    """runs.RunFiles with its model writes faked: a snapshot is a folder with the step, progress only the
+    step and precision (what check_resume reads); the accelerator unwraps nothing."""
+    from types import SimpleNamespace
+
+    def snapshot(model, tokenizer, path, extra=None):
+        with checkpoints.atomic_dir(path) as tmp:
+            (tmp / "model.safetensors").write_text(str(extra["step"]))
+
+    def progress(path, accelerator, policy, anchor, optimizer, scheduler, step, history, mixed_precision):
+        checkpoints.save_progress(path, None, step=step, mixed_precision=mixed_precision)
+
+    monkeypatch.setattr(checkpoints, "save_pretrained_atomic", snapshot)
+    monkeypatch.setattr(runs, "save_run", progress)
+    return SimpleNamespace(unwrap_model=lambda model: model)
+
+
+def train(files: runs.RunFiles, steps: range, accelerator) -> None:
+    for step in steps:
+        files.save(step, accelerator, None, None, None, None, [], None, "no")
+
+
+def test_snapshots_made_before_an_interrupt_are_stored_when_the_run_resumes(tmp_path, monkeypatch):
+    """REINFORCE with save points 10/20/30 and its progress kept local (the time rule): interrupted after
+    step 22, rerun on the same disk, it resumes; at its end the store holds all three snapshots."""
+    accelerator = fake_run_files(monkeypatch)
+    ck, drive = tmp_path / "ck", tmp_path / "drive"
+    spec = runs.RunSpec(str(ck / "reinforce"), "", 0, 30, save_points=(10, 20, 30))
+    first = runs.RunFiles(spec, storage.Store(str(drive), ck, progress_minutes=60), save_every=5)
+    first.check_resume("no")
+    train(first, range(1, 23), accelerator)
+    assert not (drive / "reinforce").exists(), "nothing stored yet (the time rule)"
+
+    again = runs.RunFiles(spec, storage.Store(str(drive), ck, progress_minutes=60), save_every=5)  # a rerun
+    assert not again.finished()
+    again.check_resume("no")
+    assert checkpoints.progress_entry(again.progress, "step") == 20
+    train(again, range(21, 31), accelerator)
+    again.finish(None, [])
+    stored = sorted(p.name for p in (drive / "reinforce").iterdir())
+    assert stored == ["metrics.json", "step00010", "step00020", "step00030"]
+    assert not again.progress.exists()
+
+
+def test_a_run_whose_final_push_fails_keeps_its_progress_and_the_next_push_stores_it(tmp_path, monkeypatch):
+    """The run's end: its final state and metrics written here, the push fails (an outage through every
+    retry). The local progress stays (the store may hold only an older state); the next push of the
+    session carries the final state and the metrics and deletes the stored progress."""
+    from tests.hub_standin import StandInHub
+
+    accelerator = fake_run_files(monkeypatch)
+    hub = StandInHub(tmp_path / "hub").install(monkeypatch)
+    ck = tmp_path / "ck"
+    store = storage.Store("me/warp", ck, token="hf_x", progress_minutes=0)
+    spec = runs.RunSpec(str(ck / "warp" / "iter0" / "run0"), "", 0, 4)
+    files = runs.RunFiles(spec, store, save_every=2)
+    files.check_resume("no")
+    train(files, range(1, 4), accelerator)
+    assert "warp/iter0/run0/progress.pt" in hub.files("me/warp")  # stored by the time rule (0 minutes)
+    hub.fail("create_commit", status=503, times=100)
+    with pytest.warns(UserWarning, match=r"could not push .*final\.safetensors.*Not stored"):
+        files.finish({"w": torch.zeros(2)}, [{"step": 4}])
+    assert files.progress.exists(), "the push failed: the local progress stays"
+    assert set(store.unstored()) == {files.final, files.done}
+    hub.clear_faults()
+    assert store.push()  # e.g. the stage's next commit
+    held = set(hub.files("me/warp"))
+    assert {"warp/iter0/run0/final.safetensors", "warp/iter0/run0/metrics.json"} <= held
+    assert "warp/iter0/run0/progress.pt" not in held
