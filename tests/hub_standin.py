@@ -355,7 +355,7 @@ class StandInApi:
                 repo = state["repos"][repo_id]
                 hour = [t for t in repo["commit_times"] if t > time.time() - 3600]
                 if len(hour) >= state["budget"]:
-                    _raise(429, "POST", url, MESSAGES[429].format(state["budget"]))
+                    _raise(429, "POST", url, f"{MESSAGES[429]} ({state['budget']} per hour)")
                 yield state, repo
         finally:
             lock.unlink(missing_ok=True)

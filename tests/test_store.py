@@ -172,7 +172,8 @@ def test_hub_store_pulls_whole_folders_and_never_mistakes_an_error_for_an_empty_
 
     # a repo not created yet: RepositoryNotFoundError, the real one (404), means empty
     storage.Store("me/new", tmp_path / "fresh", token="hf_x").pull(tmp_path / "fresh" / "warp")  # nothing yet
-    hub.fail("repo_info", status=429, times=10)  # rate limited through every retry
+    for listing in ("repo_info", "list_repo_files"):
+        hub.fail(listing, status=429, times=10)  # rate limited through every retry
     with pytest.raises(ConnectionError):  # not "the store is empty": that would retrain and overwrite it
         storage.Store("me/warp", tmp_path / "other", token="hf_x").pull(tmp_path / "other" / "warp")
 

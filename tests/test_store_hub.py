@@ -122,9 +122,7 @@ def test_the_commit_budget_and_planned_faults(tmp_path):
         api.repo_info("me/r")
     assert "Timeout" in type(timeout.value).__name__ and store_backends.status(timeout.value) is None
     api.create_commit("me/r", [add("3")], commit_message="3")
-    with pytest.raises(
-        HfHubHTTPError
-    ) as limited:  # the 4th commit within the hour (the repo's creation is one)
+    with pytest.raises(HfHubHTTPError) as limited:  # the 4th commit within the hour
         api.create_commit("me/r", [add("4")], commit_message="4")
     assert limited.value.response.status_code == 429
 
