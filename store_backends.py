@@ -235,10 +235,13 @@ class HubBackend:
     def children(self, rel: str) -> set[str]:
         return {f[len(rel) + 1 :].split("/")[0] for f in self.held([rel]) if f != rel}
 
-    def fetch(self, rel: str, local: Path) -> bool:
+    def fetch(self, rel: str, local: Path, fresh: bool = False) -> bool:
         """Download the files under `rel` into a temporary folder beside `local`, then move them into place
-        at once; False when the repo holds none."""
-        files = self.held([rel])
+        at once; False when the repo holds none. A file gone since the listing (another process deleted it)
+        lists the repo again."""
+        from huggingface_hub.errors import EntryNotFoundError
+
+        files = self.held([rel], fresh)
         if not files:
             return False
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -247,6 +250,10 @@ class HubBackend:
             for f in files:  # each with its own progress bar
                 self._call("hf_hub_download", self.repo, f, local_dir=str(tmp))
             os.replace(tmp / rel, local)
+        except EntryNotFoundError:
+            if fresh:
+                raise
+            return self.fetch(rel, local, fresh=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return True

@@ -221,6 +221,19 @@ def test_a_commit_made_between_listing_and_deleting_is_not_overlooked(hub, tmp_p
     assert len(hub.sleeps) == 1  # the 412 was retried once
 
 
+def test_a_file_deleted_since_the_listing_is_skipped_by_a_pull(hub, tmp_path):
+    """A pull reads the listing this process made; a file another process deleted since (404 on its
+    download) makes it list again, and the pull skips it instead of failing."""
+    hub.put("me/warp", {"run/a": b"a", "run/b": b"b"})
+    root = tmp_path / "ck"
+    store = storage.Store("me/warp", root, token="hf_x")
+    store.pull(root / "run" / "a")  # lists the repo: run/a and run/b
+    other = storage.Store("me/warp", root, token="hf_x")
+    other.delete(root / "run" / "b")
+    store.pull(root / "run")  # the folder exists: its missing entries, by the old listing run/b
+    assert sorted(p.name for p in (root / "run").iterdir()) == ["a"]
+
+
 def test_the_repo_is_created_once_per_session(hub, tmp_path):
     root = files_under(tmp_path, a=b"a", b=b"b", c=b"c")
     store = storage.open_store("me/warp", root, "hf_x", "kaggle")  # the write check creates it
