@@ -7,7 +7,9 @@ there is what is expensive to recompute: the reward model, each run's final stat
 policies. A progress checkpoint (policy, anchor and Adam: about 2 GB for GPT-2) stays on the local disk
 unless its run has gone `progress_minutes` without a stored state; then only its latest is stored,
 replacing the one before. Each push is one commit; each stage squashes the Hub repo's history at its end,
-so that deleted files stop counting against the account's storage.
+so that deleted files stop counting against the account's storage. Where the bytes go (a folder, or a Hub
+repo whose passing failures are retried) is `store_backends.py`; a push that still fails is remembered and
+carried by the next one, in whichever process of the session makes it.
 """
 
 from __future__ import annotations
