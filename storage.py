@@ -348,10 +348,12 @@ class Store:
             gone, replaced = self.backend.commit(items, deletes, message)
         except Exception as e:
             self._record("failed", paths=rels, delete=deletes, error=describe(e))
+            asked = ", ".join(map(str, paths)) or ", ".join(rels) or "the deletion of " + ", ".join(deletes)
+            left = ", ".join(rels) or "nothing new"
+            left += f"; not deleted from it: {', '.join(deletes)}" if deletes else ""
             warnings.warn(
-                f"could not push {', '.join(rels) or 'the deletion of ' + ', '.join(deletes)} to "
-                f"{self.location} ({describe(e)}). Not stored: they stay on this disk, and the next push "
-                "carries them (or rerun this cell)",
+                f"could not push {asked} to {self.location} ({describe(e)}). Not stored: {left}. The local "
+                "copies stay, and the next push carries them (or rerun this cell)",
                 stacklevel=2,
             )
             return False
