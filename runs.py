@@ -95,9 +95,12 @@ class RunFiles:
 
     def check_resume(self, mixed_precision: str) -> None:
         """Pull an interrupted run's progress from the store if this session lacks it, and refuse it in
-        another precision (`check_precision`); before any model loads."""
+        another precision (`check_precision`); before any model loads. The snapshots an interrupted session
+        made here and did not store (its progress stayed local) go with the run's next stored state."""
         self.store.pull(self.progress, checkpoints.previous(self.progress))
         check_precision(self.progress, mixed_precision)
+        made = [self.dir / f"step{p:05d}" for p in self.spec.save_points]
+        self.unstored = [s for s in made if s.exists() and not self.store.holds(s)]
 
     def save(self, step: int, accelerator, policy, anchor, optimizer, scheduler, history: list, tokenizer,
              mixed_precision: str) -> None:  # fmt: skip
@@ -107,7 +110,7 @@ class RunFiles:
             snapshot = self.dir / f"step{step:05d}"
             unwrapped = accelerator.unwrap_model(policy)
             checkpoints.save_pretrained_atomic(unwrapped, tokenizer, snapshot, extra={"step": step})
-            self.unstored.append(snapshot)
+            self.unstored += [snapshot] if snapshot not in self.unstored else []
         if step % self.save_every or step >= self.spec.steps:
             return
         if self.progress_stored:  # the store has the last one: free its 4 model states' worth of disk first
@@ -121,16 +124,18 @@ class RunFiles:
 
     def finish(self, state: dict | None, history: list) -> Path:
         """Write the final weights `state` (None when the last snapshot holds them) and the metrics, which
-        mark the run finished, push both in one commit, and delete the progress here and in the store."""
+        mark the run finished, push both in one commit, and delete the progress here and in the store (here
+        only once the store confirmed the commit: until then the store may hold only an older state)."""
         if state is not None:
             checkpoints.save_state(state, self.final)
         atomic_write_text(self.done, to_json(history, indent=None))
-        # one commit: the final state (unless it is the last snapshot, stored already), the metrics, and
-        # the deletion of a stored progress checkpoint (this session's or an earlier one's)
+        # one commit: the final state (unless it is the last snapshot, among the unstored), the metrics,
+        # the snapshots not stored yet, and the deletion of a stored progress (this session's or earlier)
         final = [] if self.last_is_snapshot else [self.final]
-        self.store.push(*final, *self.unstored, self.done, delete=[self.progress])
-        self.progress.unlink(missing_ok=True)
-        checkpoints.previous(self.progress).unlink(missing_ok=True)
+        stored = self.store.push(*final, *self.unstored, self.done, delete=[self.progress])
+        if stored or not self.store:  # a failed push is carried by the store's next one (`Store.unstored`)
+            self.progress.unlink(missing_ok=True)
+            checkpoints.previous(self.progress).unlink(missing_ok=True)
         return self.final
 
 

@@ -7,44 +7,55 @@ there is what is expensive to recompute: the reward model, each run's final stat
 policies. A progress checkpoint (policy, anchor and Adam: about 2 GB for GPT-2) stays on the local disk
 unless its run has gone `progress_minutes` without a stored state; then only its latest is stored,
 replacing the one before. Each push is one commit; each stage squashes the Hub repo's history at its end,
-so that deleted files stop counting against the account's storage.
+so that deleted files stop counting against the account's storage. Where the bytes go (a folder, or a Hub
+repo whose passing failures are retried) is `store_backends.py`; a push that still fails is remembered and
+carried by the next one, in whichever process of the session makes it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
-import shutil
-import tempfile
+import secrets
 import time
 import warnings
 from pathlib import Path
 
-from checkpoints import _atomic_file, atomic_dir, folder_bytes, looks_local, remove
+import store_backends
+from checkpoints import looks_local, remove
+from store_backends import Backoff, FolderBackend, HubBackend, describe, files_of, no_answer, status
 
 REPO_NAME = "warp-imdb"  # the store's default name: <the token's user>/warp-imdb
 PROGRESS_MINUTES = 60.0  # a run pushes a progress checkpoint only after this long without a stored state
 KAGGLE_INPUT = Path("/kaggle/input")  # where Kaggle mounts the inputs added to a notebook
 DRIVE = Path("/content/drive")  # where Colab mounts Google Drive
-LEDGER = ".ledger.jsonl"  # a folder store's record of its commits (hidden: never pulled)
+LOG = ".store-log.jsonl"  # under the local checkpoints root: the session's commits and failed pushes
+KINDS = ("commit", "check", "squash")  # the log's entries that are commits to the store
+LEDGER = store_backends.LEDGER  # a folder store's record of its commits
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def hf_token() -> str | None:
-    """A Hub token from a Kaggle or Colab secret `HF_TOKEN`, else the HF_TOKEN environment variable."""
+    """A Hub token from a Kaggle or Colab secret `HF_TOKEN`, else the HF_TOKEN environment variable. A
+    secret's token is also put in the environment as HF_TOKEN, so that the models' downloads use it too
+    (else they go anonymous: gated models refused, lower rate limits)."""
+    token = None
     try:
         from kaggle_secrets import UserSecretsClient  # only exists on Kaggle
 
-        return UserSecretsClient().get_secret("HF_TOKEN")
+        token = UserSecretsClient().get_secret("HF_TOKEN")
     except Exception:
-        pass
-    try:
-        from google.colab import userdata  # only exists on Colab
+        try:
+            from google.colab import userdata  # only exists on Colab
 
-        return userdata.get("HF_TOKEN")
-    except Exception:
-        return os.environ.get("HF_TOKEN") or None
+            token = userdata.get("HF_TOKEN")
+        except Exception:
+            pass
+    if token:
+        os.environ["HF_TOKEN"] = token
+    return token or os.environ.get("HF_TOKEN") or None
 
 
 def _hub_user(token: str) -> str:
@@ -71,7 +82,7 @@ def resolve_store(value: str, token: str | None, where: str) -> tuple[str, str]:
                 user = _hub_user(token)
             except Exception as e:
                 raise ValueError(
-                    f"STORE is empty and the HF_TOKEN's user could not be read ({type(e).__name__}): "
+                    f"STORE is empty and the HF_TOKEN's user could not be read ({describe(e)}): "
                     f"set STORE = '<your user>/{REPO_NAME}'"
                 ) from e
             repo = f"{user}/{REPO_NAME}"
@@ -102,7 +113,8 @@ def resolve_store(value: str, token: str | None, where: str) -> tuple[str, str]:
     if value.startswith(("/", "~")):
         return _checked_folder(str(Path(value).expanduser()), where)
     value = value.rstrip("/")  # "owner/name/" is a repo id with a slash too many
-    if value.startswith(".") or value.count("/") > 1 or Path(value).exists():
+    # a bare name is a repo name without its owner, even where a folder of that name (a clone) exists
+    if value.startswith(".") or value.count("/") > 1 or (value.count("/") == 1 and Path(value).exists()):
         raise ValueError(
             f"STORE={value!r} is a relative folder, which stays inside this session's working folder: give "
             f"an absolute folder that outlives the session (Colab, with Drive mounted: "
@@ -113,7 +125,8 @@ def resolve_store(value: str, token: str | None, where: str) -> tuple[str, str]:
             hint = f"'{_hub_user(token)}/{value}'" if token else f"'<your user>/{value}'"
         except Exception:
             hint = f"'<your user>/{value}'"
-        raise ValueError(f"STORE={value!r} is not a Hub repo id (owner/name): did you mean {hint}?")
+        folder = " (a folder store is given by its absolute path)" if Path(value).exists() else ""
+        raise ValueError(f"STORE={value!r} is not a Hub repo id (owner/name): did you mean {hint}?{folder}")
     return _checked_repo(value, token, f"store: {value} (private Hub repo)")
 
 
@@ -208,6 +221,48 @@ def earlier_outputs(root: Path | None = None, below: int = 2, max_entries: int =
     return found
 
 
+class SessionLog:
+    """What the store was sent, in a file under the local checkpoints root (`LOG`) that every process of a
+    session appends to (a notebook, and the training processes it spawns, which inherit its session id
+    with the pickled Store): each commit, and each push that failed, with what it left unstored. So
+    `Store.log` counts the children's commits too, and the next push, in whichever process, carries what
+    an earlier one could not store (also in a later session on the same disk)."""
+
+    def __init__(self, root: Path, location: str):
+        self.path, self.location = root / LOG, location
+
+    def append(self, entry: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:  # one short write per line: appends of processes do not mix
+            f.write(json.dumps({"store": self.location, **entry}) + "\n")
+
+    def entries(self) -> list[dict]:
+        """This store's entries, oldest first (a line cut short by a killed process is skipped)."""
+        if not self.path.exists():
+            return []
+        entries = []
+        for line in self.path.read_text().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return [e for e in entries if e.get("store") == self.location]
+
+    def unstored(self) -> tuple[list[str], list[str]]:
+        """The places (relative to the root) that failed pushes left to push, and to delete, that no
+        later commit settled."""
+        push, delete = {}, {}
+        for e in self.entries():
+            if e["kind"] == "failed":
+                push.update(dict.fromkeys(e["paths"]))
+                delete.update(dict.fromkeys(e["delete"]))
+            for rel in e.get("settled", []):
+                for waiting in (push, delete):
+                    for r in [r for r in waiting if r == rel or r.startswith(rel + "/")]:
+                        del waiting[r]
+        return list(push), list(delete)
+
+
 class Store:
     """Where the series keeps what must outlive a session: a Hub model repo (created private) or a local
     folder (a mounted Google Drive, a persisted Kaggle folder). Empty = no store.
@@ -217,22 +272,27 @@ class Store:
     locally, file by file (never the whole store), so each stage keeps to its own folder and a new session
     fetches only what its next step needs. `inputs` are read-only folders that `pull` also looks in (on
     Kaggle: earlier notebooks' outputs added as input). Local copies are atomic, like every other write
-    here. `log` lists this session's commits (files and bytes), `summary` says it in one line.
+    here. Where the bytes go is its `backend` (`store_backends`). A push that fails is remembered (`unstored`)
+    and carried by the next one; `holds` asks the store itself. `log` lists this session's commits (files
+    and bytes, its spawned processes' too), `summary` says it in one line.
     """
 
     def __init__(self, location: str, root: str | Path, token: str | None = None,
-                 progress_minutes: float = PROGRESS_MINUTES, inputs: list[Path] | None = None):  # fmt: skip
+                 progress_minutes: float = PROGRESS_MINUTES, inputs: list[Path] | None = None,
+                 backoff: Backoff | None = None):  # fmt: skip
         self.location, self.root, self.token = location, Path(root), token
-        self.progress_minutes, self.inputs, self.log = progress_minutes, list(inputs or []), []
+        self.progress_minutes, self.inputs = progress_minutes, list(inputs or [])
         self._later: list[Path] = []  # small records that ride along with the next commit (`later`)
-        self._dropped = False  # whether this session deleted or replaced files (that a squash would free)
-        self.session = f"{time.time():.0f}-{os.getpid()}"  # tells this session's commits in the ledger
-        if location and not self._on_folder and not token:
-            _checked_repo(location, token, "")  # raises: a Hub repo needs a token
-
-    @property
-    def _on_folder(self) -> bool:
-        return looks_local(self.location)
+        # tells this session's commits in the logs; a spawned process inherits it with the pickled Store
+        self.session = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._log = SessionLog(self.root, location)
+        self.backend = None
+        if location and looks_local(location):
+            self.backend = FolderBackend(location)
+        elif location:
+            if not token:
+                _checked_repo(location, token, "")  # raises: a Hub repo needs a token
+            self.backend = HubBackend(location, token, backoff)
 
     def __bool__(self) -> bool:
         return bool(self.location)
@@ -247,68 +307,35 @@ class Store:
         except ValueError:
             return None
 
-    def _api(self):
-        from huggingface_hub import HfApi
+    @property
+    def log(self) -> list[dict]:
+        """This session's commits (the write check and the squash count as commits), in every process."""
+        return [e for e in self._log.entries() if e["session"] == self.session and e["kind"] in KINDS]
 
-        return HfApi(token=self.token)
+    def unstored(self) -> list[Path]:
+        """What pushes of this or an earlier session could not store and the next push will carry."""
+        return [self.root / rel for rel in self._log.unstored()[0]] if self else []
 
-    def _hub_files(self) -> set[str]:
-        """Files in the Hub repo (listed once, until the next commit); none when the repo does not exist yet.
-        Any other failure (network, rate limit) raises: resuming as if the store were empty would retrain
-        from scratch and then overwrite the store's newer checkpoints."""
-        if not hasattr(self, "_files"):
-            from huggingface_hub.errors import RepositoryNotFoundError
-
-            try:
-                self._files = set(self._api().list_repo_files(self.location))
-            except RepositoryNotFoundError:
-                self._files = set()
-        return self._files
-
-    def _record(self, kind: str, added: list[tuple[str, int]] = (), deleted: list[str] = ()) -> None:
-        """One commit of this session in `log` (and, for a folder store, in its ledger file: there the
-        write check and the squash are recorded too, as the commits a Hub repo would get)."""
+    def _record(self, kind: str, added=(), deleted=(), **more) -> None:
+        """One commit in the session log, and in the store's own record (a folder's ledger)."""
         entry = {"session": self.session, "time": time.time(), "kind": kind, "added": [f for f, _ in added]}
         entry.update(bytes=sum(n for _, n in added), sizes=[n for _, n in added], deleted=list(deleted))
-        self.log.append(entry)
-        if self._on_folder:
-            ledger = Path(self.location).expanduser() / LEDGER
-            ledger.parent.mkdir(parents=True, exist_ok=True)
-            with open(ledger, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+        self._log.append({**entry, **more})
+        if kind in KINDS:
+            self.backend.record(entry)
 
     def check_writable(self) -> str:
         """Make sure the store can be written, before any work: create the private repo and make one small
-        commit (or write a file into the folder). Raises PermissionError with the fix; returns a line."""
+        commit (or write a file into the folder). Raises PermissionError (a refused token: it must be a
+        write token) or ConnectionError (the Hub did not answer: retry later) with the fix; returns a line."""
         if not self:
             return "store: none"
-        if self._on_folder:
-            folder = Path(self.location).expanduser()
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check."):
-                    pass
-            except OSError as e:
-                raise PermissionError(
-                    f"STORE={self.location!r}: cannot write there ({e}); choose another"
-                ) from e
-            self._record("check")
-            return f"store: {self.location} is writable"
         try:
-            api = self._api()
-            api.create_repo(self.location, exist_ok=True, private=True)
-            note = f"written by the warp-imdb notebooks; last write check {time.strftime('%Y-%m-%d %H:%M')}\n"
-            api.upload_file(path_or_fileobj=note.encode(), path_in_repo=".warp-store", repo_id=self.location,
-                            commit_message="warp-imdb: write check")  # fmt: skip
-        except Exception as e:
-            raise PermissionError(
-                f"STORE={self.location!r}: cannot create or write the Hub repo ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}). The HF_TOKEN must be a write token "
-                "(huggingface.co/settings/tokens) and the repo yours or your organisation's"
-            ) from e
-        self._record("check", [(".warp-store", len(note))])
-        self.__dict__.pop("_files", None)
-        return f"store: {self.location} is writable (private Hub repo)"
+            added = self.backend.check()
+        except (PermissionError, ConnectionError) as e:
+            raise type(e)(f"STORE={self.location!r}: {e}") from e
+        self._record("check", added)
+        return f"store: {self.location} is writable{self.backend.what}"
 
     def later(self, *paths: str | Path) -> None:
         """Store small records (a config, a timing) with the next commit instead of one of their own: the
@@ -317,77 +344,46 @@ class Store:
 
     def push(self, *paths: str | Path, delete=()) -> bool:
         """Copy files or folders (under `root`) into the store and remove `delete` from it, all in one
-        commit with the records waiting for one (`later`) (a folder replaces the store's copy whole; on
-        the Hub the commit is atomic, so what is deleted goes only with what replaces it). True only when
-        there is a store and every path that exists reached it; a failure warns (the local copy is intact
-        and a later push carries it), so a caller says "stored" only on True."""
+        commit with the records waiting for one (`later`) and what earlier pushes left unstored (a folder
+        replaces the store's copy whole; on the Hub the commit is atomic, so what is deleted goes only with
+        what replaces it, and what to delete is listed just before). True only when there is a store and
+        every path that exists reached it; a failure warns, naming what is not stored (the local copies
+        are intact, and the next push carries them), so a caller says "stored" only on True."""
         if not self:
             return False
-        items, outside, waiting = [], False, [p for p in self._later if p not in map(Path, paths)]
-        for path in map(Path, [*paths, *waiting]):
-            rel = self._rel(path)
-            if rel is None:
-                warnings.warn(f"{path} is outside {self.root}: not pushed to the store", stacklevel=2)
-                outside = True
-            elif path.exists():
-                items.append((path, rel))
-        files = [
-            (f, f"{rel}/{f.relative_to(path).as_posix()}" if path.is_dir() else rel)
-            for path, rel in items
-            for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
-        ]
-        gone = self._held(delete)
-        if not items and not gone:
+        outside = [p for p in map(Path, paths) if self._rel(p) is None]
+        for path in outside:
+            warnings.warn(f"{path} is outside {self.root}: not pushed to the store", stacklevel=2)
+        waiting, waiting_delete = self._log.unstored()
+        asked = [self._rel(p) for p in [*paths, *self._later]]
+        rels = list(dict.fromkeys([r for r in asked if r is not None] + waiting))
+        deletes = list(
+            dict.fromkeys([r for r in map(self._rel, [p for p in delete if p]) if r] + waiting_delete)
+        )
+        items = [(self.root / rel, rel) for rel in rels if (self.root / rel).exists()]
+        if not items and not deletes:
             return not outside
+        names = [rel for _, rel in items] or [f"delete {d}" for d in deletes]
+        message = "store " + ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
         try:
-            replaced = bool(gone) or bool(self._held([path for path, _ in items]))
-        except Exception:  # the listing is bookkeeping: if it fails, squash at the end to be safe
-            replaced = True
-        try:
-            self._commit(items, files, gone)
-            self._dropped |= replaced
+            gone, replaced = self.backend.commit(items, deletes, message)
         except Exception as e:
+            self._record("failed", paths=rels, delete=deletes, error=describe(e))
+            asked = ", ".join(map(str, paths)) or ", ".join(rels) or "the deletion of " + ", ".join(deletes)
+            left = ", ".join(rels) or "nothing new"
+            left += f"; not deleted from it: {', '.join(deletes)}" if deletes else ""
             warnings.warn(
-                f"could not push {', '.join(map(str, paths))} to {self.location} ({type(e).__name__}: {e})",
+                f"could not push {asked} to {self.location} ({describe(e)}). Not stored: {left}. The local "
+                "copies stay, and the next push carries them (or rerun this cell)",
                 stacklevel=2,
             )
             return False
-        self._record("commit", [(rel, f.stat().st_size) for f, rel in files], gone)
+        added = [(rel, f.stat().st_size) for f, rel in files_of(items)]
+        self._record(
+            "commit" if added or gone else "settled", added, gone, settled=rels + deletes, replaced=replaced
+        )
         self._later = []
         return not outside
-
-    def _held(self, paths) -> list[str]:
-        """The store's files (Hub) or entries (folder) under the local `paths`."""
-        rels = [r for r in (self._rel(p) for p in paths if p) if r is not None]
-        if not rels:
-            return []
-        if not self._on_folder:
-            return sorted(f for f in self._hub_files() for r in rels if f == r or f.startswith(r + "/"))
-        return [r for r in rels if (Path(self.location).expanduser() / r).exists()]
-
-    def _commit(self, items: list[tuple[Path, str]], files: list[tuple[Path, str]], gone: list[str]) -> None:
-        if not self._on_folder:
-            from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-
-            api = self._api()
-            api.create_repo(self.location, exist_ok=True, private=True)
-            ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(f)) for f, rel in files]
-            ops += [CommitOperationDelete(path_in_repo=f) for f in gone]
-            names = [rel for _, rel in items] or [f"delete {g}" for g in gone]
-            message = "store " + ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
-            api.create_commit(self.location, operations=ops, commit_message=message)
-            self.__dict__.pop("_files", None)  # listed again at the next pull
-            return
-        base = Path(self.location).expanduser()
-        for path, rel in items:
-            if path.is_dir():
-                with atomic_dir(base / rel) as tmp:
-                    shutil.copytree(path, tmp, dirs_exist_ok=True)
-            else:
-                with _atomic_file(base / rel, "wb") as out, open(path, "rb") as src:
-                    shutil.copyfileobj(src, out)
-        for rel in gone:
-            remove(base / rel)
 
     def push_progress(self, path: str | Path, since: float, *also: str | Path) -> bool:
         """Push a run's progress checkpoint (with `also`, what a resume from it needs, e.g. the snapshots
@@ -399,8 +395,10 @@ class Store:
         return self.push(path, *also)
 
     def holds(self, path: str | Path) -> bool:
-        """True when the store has `path` (a local path under `root`): a file, or a folder with files."""
-        return bool(self) and bool(self._held([path]))
+        """True when the store has `path` (a local path under `root`), asked now: a file, or a folder with
+        files."""
+        rel = self._rel(path)
+        return bool(self) and rel is not None and bool(self.backend.held([rel], fresh=True))
 
     def release(self, *paths: str | Path) -> None:
         """Free local disk: delete the local copy of each path the store holds (GPT-2 states are 0.5 GB
@@ -416,99 +414,67 @@ class Store:
         self.push(delete=paths)
 
     def squash(self) -> None:
-        """At a notebook's end: commit the records still waiting (`later`), then, on the Hub, if this session
-        deleted or replaced files, squash the repo's history into one commit, so that they (GBs) stop
-        counting against the account's storage; a folder keeps no history. A failure only warns."""
+        """At a notebook's end: commit the records still waiting (`later`, and what is unstored), then, on
+        the Hub, if this session deleted or replaced files, squash the repo's history into one commit, so
+        that they (GBs) stop counting against the account's storage; a folder keeps no history. A failure
+        only warns."""
         if not self:
             return
-        if self._later:  # the records waiting for a commit go first
+        if self._later or any(self._log.unstored()):  # the records waiting for a commit go first
             self.push()
-        if not self._dropped:  # nothing deleted or replaced: the history holds nothing to free
-            return
-        if self._on_folder:
-            self._record("squash")  # nothing to do in a folder; in the ledger, the Hub's commit it stands for
+        since = list(itertools.takewhile(lambda e: e["kind"] != "squash", reversed(self.log)))
+        if not any(e.get("replaced") for e in since):  # the history holds nothing to free
             return
         try:
-            self._api().super_squash_history(self.location)
-            self._record("squash")
+            self.backend.squash()
+            self._record("squash")  # a folder: in the ledger, the Hub's commit it stands for
         except Exception as e:
-            warnings.warn(
-                f"could not squash the history of {self.location} ({type(e).__name__}: {e})", stacklevel=2
-            )
+            warnings.warn(f"could not squash the history of {self.location} ({describe(e)})", stacklevel=2)
 
     def size(self) -> int:
         """Bytes the store holds now."""
-        if not self:
-            return 0
-        if self._on_folder:
-            return folder_bytes(Path(self.location).expanduser())
-        info = self._api().list_repo_tree(self.location, recursive=True)
-        return sum(getattr(f, "size", 0) or 0 for f in info)
+        return self.backend.size() if self else 0
 
     def summary(self) -> str:
         """One line: what this session committed to the store, and how much the store holds."""
         if not self:
             return "store: none; nothing was stored"
-        commits, sent = len(self.log), sum(e["bytes"] for e in self.log)
+        log = self.log
+        commits, sent = len(log), sum(e["bytes"] for e in log)
         try:
             held = f"; it holds {self.size() / 1e9:.2f} GB"
         except Exception as e:  # the size is information, not a reason to fail a finished notebook
             held = f"; its size could not be read ({type(e).__name__})"
-        return f"store {self.location}: {commits} commit(s) this session, {sent / 1e9:.2f} GB uploaded{held}"
+        unstored = self.unstored()
+        left = f"; NOT stored yet: {', '.join(self._rel(p) for p in unstored)}" if unstored else ""
+        sent = f"{commits} commit(s) this session, {sent / 1e9:.2f} GB uploaded"
+        return f"store {self.location}: {sent}{held}{left}"
+
+    def _sources(self) -> list:
+        return ([self.backend] if self else []) + [FolderBackend(p) for p in self.inputs]
 
     def pull(self, *paths: str | Path) -> None:
         """Copy files or folders (local paths under `root`) from the store, or from an input, where they are
         missing locally; what neither holds is skipped. A missing folder appears whole or not at all; into
         a folder that exists, the entries it lacks are pulled the same way (e.g. the REINFORCE snapshots
-        that were released to free disk)."""
-        if not self and not self.inputs:
-            return
+        that were released to free disk). The store's listing is the one made at this process's last
+        commit (other processes' files are on this disk). When the store cannot be read, raises
+        ConnectionError: resuming as if it were empty would retrain and then overwrite its newer states."""
         for local in map(Path, paths):
             rel = self._rel(local)
-            if rel is None:
+            if rel is None or (local.exists() and not local.is_dir()):
                 continue
-            if local.is_dir():
-                self.pull(*(local / name for name in self._children(rel)))
-                continue
-            if local.exists():
-                continue
-            if self and not self._on_folder:
-                files = sorted(f for f in self._hub_files() if f == rel or f.startswith(rel + "/"))
-                if files:
-                    self._pull_hub(files, rel, local)
+            try:
+                if local.is_dir():
+                    names = set().union(*(source.children(rel) for source in self._sources()))
+                else:
+                    any(source.fetch(rel, local) for source in self._sources())  # the first that has it
                     continue
-            sources = ([Path(self.location).expanduser()] if self and self._on_folder else []) + self.inputs
-            src = next((s / rel for s in sources if (s / rel).exists()), None)
-            if src is not None and src.is_dir():
-                with atomic_dir(local) as tmp:
-                    shutil.copytree(src, tmp, dirs_exist_ok=True)
-            elif src is not None:
-                with _atomic_file(local, "wb") as f, open(src, "rb") as s:
-                    shutil.copyfileobj(s, f)
-
-    def _children(self, rel: str) -> set[str]:
-        """Names directly inside the store's (and the inputs') folder `rel`, without the hidden ones (an
-        interrupted copy's temporary folder)."""
-        names = set()
-        if self and not self._on_folder:
-            names = {f[len(rel) + 1 :].split("/")[0] for f in self._hub_files() if f.startswith(rel + "/")}
-        for base in ([Path(self.location).expanduser()] if self and self._on_folder else []) + self.inputs:
-            folder = base / rel
-            names |= {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-        return {n for n in names if not n.startswith(".")}
-
-    def _pull_hub(self, files: list[str], rel: str, local: Path) -> None:
-        """Download `files` (all under `rel`) into a temporary folder, then move them into place at once."""
-        from huggingface_hub import hf_hub_download
-
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=f".{local.name}."))
-        try:
-            for f in files:  # each with its own progress bar
-                hf_hub_download(self.location, f, local_dir=str(tmp), token=self.token)
-            os.replace(tmp / rel, local)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            except Exception as e:
+                if status(e) is None and not no_answer(e):  # not the Hub's answer: a local fault
+                    raise
+                raise ConnectionError(f"could not read {rel} from {self.location}: {describe(e)}") from e
+            self.pull(*(local / name for name in sorted(names) if not name.startswith(".")))
 
 
 def open_store(value: str, root: str | Path, token: str | None, where: str,

@@ -12,7 +12,7 @@ from contextlib import redirect_stdout
 import pytest
 
 import storage
-from tests.test_store import FakeHub
+from tests.hub_standin import StandInHub
 
 
 @pytest.fixture
@@ -80,20 +80,19 @@ def test_a_folder_store_says_whether_it_outlives_the_session(tmp_path, monkeypat
 def test_a_store_without_write_access_is_refused_before_any_work(tmp_path, monkeypatch):
     """A read-only token (the Hub answers 403 to the write check's commit) and a folder that cannot be
     created both stop `open_store`, which each notebook calls in its config cell before any model loads."""
-    hub = FakeHub({}, read_only=True)
-    hub.install(monkeypatch)
+    StandInHub(tmp_path / "hub").install(monkeypatch)
     with pytest.raises(PermissionError, match=r"cannot create or write the Hub repo.*write token"):
         storage.open_store("me/warp-imdb", tmp_path, "hf_read_only", "kaggle")
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(PermissionError, match=r"cannot write there"):
         storage.open_store(str(tmp_path / "a_file" / "store"), tmp_path, None, "local")
-    writable = FakeHub({})
-    writable.install(monkeypatch)
+    writable = StandInHub(tmp_path / "writable").install(monkeypatch)
     with redirect_stdout(io.StringIO()) as out:
         store = storage.open_store("me/warp-imdb", tmp_path, "hf_x", "kaggle")
     assert store.location == "me/warp-imdb" and "is writable" in out.getvalue()
-    assert ("create", "me/warp-imdb", {"exist_ok": True, "private": True}) in writable.commits
-    assert [c for c in writable.commits if c[0] == "commit"] == [("commit", [".warp-store"])]  # one, small
+    created = [(c["repo"], c["exist_ok"], c["private"]) for c in writable.calls("create_repo")]
+    assert ("me/warp-imdb", True, True) in created
+    assert [c["added"] for c in writable.commits("me/warp-imdb")[1:]] == [[".warp-store"]]  # one, small
 
 
 def test_on_kaggle_an_earlier_notebooks_output_added_as_input_is_found_without_a_store(tmp_path, monkeypatch):
@@ -115,8 +114,7 @@ def test_on_kaggle_an_earlier_notebooks_output_added_as_input_is_found_without_a
 
 
 def test_one_push_is_one_commit_and_the_log_counts_what_was_sent(tmp_path, monkeypatch):
-    hub = FakeHub({})
-    hub.install(monkeypatch)
+    hub = StandInHub(tmp_path / "hub").install(monkeypatch)
     root = tmp_path / "ck"
     (root / "warp" / "final_slerp").mkdir(parents=True)
     (root / "warp" / "final_slerp" / "model.safetensors").write_bytes(b"w" * 100)
@@ -124,9 +122,9 @@ def test_one_push_is_one_commit_and_the_log_counts_what_was_sent(tmp_path, monke
     (root / "warp" / "merge.json").write_text("{}")
     store = storage.Store("me/warp-imdb", root, token="hf_x")
     assert store.push(root / "warp" / "final_slerp", root / "warp" / "merge.json")
-    commits = [c for c in hub.commits if c[0] == "commit"]
+    commits = [c["added"] for c in hub.commits("me/warp-imdb")[1:]]  # after the repo's initial commit
     assert commits == [
-        ("commit", ["warp/final_slerp/config.json", "warp/final_slerp/model.safetensors", "warp/merge.json"])
+        ["warp/final_slerp/config.json", "warp/final_slerp/model.safetensors", "warp/merge.json"]
     ]
     assert store.log[-1]["bytes"] == 100 + 2 + 2 and len(store.log) == 1
     folder = storage.Store(str(tmp_path / "drive"), root)
@@ -166,7 +164,7 @@ def test_01_says_stored_only_for_what_the_store_confirmed(tmp_path):
         def __bool__(self):
             return True
 
-        def push(self, *paths):
+        def push(self, *paths, delete=()):
             return self.ok
 
         def squash(self):
@@ -177,6 +175,7 @@ def test_01_says_stored_only_for_what_the_store_confirmed(tmp_path):
 
     for ok, said in ((False, "NOT in the store me/warp-imdb"), (True, "is stored in me/warp-imdb")):
         scope = dict(train_now=False, stopped_early=False, out=tmp_path / "reward_model", store=FakeStore(ok))
+        scope.update(progress_dir=tmp_path / "reward_model_progress")
         scope.update(storage=storage, config=config, checkpoints=checkpoints, CHECKPOINTS=str(tmp_path))
         with redirect_stdout(io.StringIO()) as printed:
             exec(compile(code, "01-last-cell", "exec"), scope)
@@ -204,3 +203,112 @@ def test_a_notebook_refuses_a_bad_store_before_any_training(tmp_path, bad):
             "01_reward_model", tmp_path, PRESET="imdb", CHECKPOINTS="ck", OVERRIDES=overrides, STORE=bad
         )
     assert not (tmp_path / "ck").exists() and not (tmp_path / bad).exists()
+
+
+def test_01_stores_the_model_with_its_progress_deleted_in_one_commit_and_a_rerun_only_pushes(tmp_path):
+    """01's save cell after training, with a store whose push fails: one push, the model with the deletion
+    of its stored progress (the store holds one or the other, never neither); rerun as it says, with the
+    push now going through, the cell pushes again without saving again (the model in memory is then the
+    reloaded plain one, which has no LoRA to merge)."""
+    import shutil
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch
+
+    import checkpoints
+    import config
+    from tests.notebook import ROOT
+
+    cells = json.loads((ROOT / "01_reward_model.ipynb").read_text())["cells"]
+    code = next("".join(c["source"]) for c in cells if "stored = not stopped_early" in "".join(c["source"]))
+
+    class FakeStore:
+        location, ok, calls = "me/warp-imdb", False, []
+
+        def __bool__(self):
+            return True
+
+        def push(self, *paths, delete=()):
+            self.calls.append(("push", paths, list(delete)))
+            return self.ok
+
+        def delete(self, *paths):
+            self.calls.append(("delete", paths))
+
+        def squash(self):
+            pass
+
+        def summary(self):
+            return "summary"
+
+    def save_pretrained(model, tokenizer, path, extra=None):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "config.json").write_text("{}")
+
+    class Trained:  # a LoRA model: merged once, when saved
+        def merge_and_unload(self):
+            return SimpleNamespace(eval=lambda: "merged")
+
+    out, progress = tmp_path / "ck" / "reward_model", tmp_path / "ck" / "reward_model_progress"
+    progress.mkdir(parents=True)
+    (progress / "progress.pt").write_bytes(b"p")
+    metrics = dict(pairwise_accuracy=0.9, reward_gap=1.0, mean_reward_positive=0.5, mean_reward_negative=-0.5)
+    fake_utils = SimpleNamespace(
+        load_reward_model=lambda path: (SimpleNamespace(to=lambda device: None), "tokenizer"),
+        model_device=lambda model: "cpu",
+        score_texts=lambda *args: torch.zeros(2),
+    )
+    fake_checkpoints = SimpleNamespace(
+        save_pretrained_atomic=save_pretrained, atomic_write_text=checkpoints.atomic_write_text,
+        write_model_card=lambda *args: None, disk_report=lambda root: "disk",
+    )  # fmt: skip
+    cfg = SimpleNamespace(mode="lora", eval_batch_size=2, batch_size=2, val_pairs=1, reward_base="b",
+                          data="d", save=lambda path: Path(path).write_text("{}"), to_dict=dict)  # fmt: skip
+    store = FakeStore()
+    scope = dict(
+        train_now=True, stopped_early=False, out=out, progress_dir=progress, store=store, model=Trained(),
+        cfg=cfg, preset="imdb", tokenizer="tokenizer", utils=fake_utils, checkpoints=fake_checkpoints,
+        val_pos=["a"], val_neg=["b"], max_length=8, validate=lambda model: (metrics, [], []), epochs_done=1,
+        train_seconds=1.0, val_seconds=0.1, history=[{"pairs": 4}], torch=torch, resumed_from=None,
+        accelerator=SimpleNamespace(device="cpu", mixed_precision="no"), model_info={}, json=json,
+        shutil=shutil, storage=storage, config=config, CHECKPOINTS=str(tmp_path / "ck"),
+    )  # fmt: skip
+    with redirect_stdout(io.StringIO()) as printed:
+        exec(compile(code, "01-save-cell", "exec"), scope)
+    assert "NOT in the store me/warp-imdb" in printed.getvalue() and "rerun this cell" in printed.getvalue()
+    assert store.calls == [("push", (out,), [progress])], "one commit: the model, and its progress deleted"
+    assert (out / "metrics.json").exists()
+
+    store.ok = True  # the Hub answers again: the user reruns the cell
+    with redirect_stdout(io.StringIO()) as printed:
+        exec(compile(code, "01-save-cell-again", "exec"), scope)
+    assert "is stored in me/warp-imdb" in printed.getvalue()
+    assert store.calls[1:] == [("push", (out,), [progress])]
+
+
+def test_a_secrets_token_is_put_in_the_environment_for_the_models_downloads(monkeypatch):
+    """On Kaggle the token is a secret, not an environment variable: `hf_token` exports it as HF_TOKEN so
+    that from_pretrained's downloads use it (else they go anonymous)."""
+    import os
+    import sys
+    import types
+
+    secrets = types.ModuleType("kaggle_secrets")
+    secrets.UserSecretsClient = lambda: types.SimpleNamespace(
+        get_secret={"HF_TOKEN": "hf_secret"}.__getitem__
+    )
+    monkeypatch.setitem(sys.modules, "kaggle_secrets", secrets)
+    monkeypatch.setenv("HF_TOKEN", "")
+    assert storage.hf_token() == "hf_secret" and os.environ["HF_TOKEN"] == "hf_secret"
+
+
+def test_a_repo_name_without_its_owner_gets_the_hint_even_beside_a_clone_of_that_name(
+    me, tmp_path, monkeypatch
+):
+    """STORE = "warp-imdb" typed in a folder that holds a `warp-imdb/` clone is the repo's name without its
+    owner, not a relative folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "warp-imdb").mkdir()
+    with pytest.raises(ValueError, match=r"not a Hub repo id \(owner/name\): did you mean 'me/warp-imdb'\?"):
+        storage.resolve_store("warp-imdb", me, "kaggle")

@@ -23,6 +23,7 @@ import storage
 import utils
 import warp
 from tests import tiny
+from tests.hub_standin import StandInHub
 from tests.notebook import kill_notebook_when
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,66 +154,10 @@ def test_model_card_names_hub_ids_in_its_metadata_and_local_paths_in_its_text(tm
     )
 
 
-class FakeHub:
-    """A stand-in for the Hub: files in a dict, with the failures a real repo gives."""
-
-    def __init__(self, files: dict[str, bytes], error: Exception | None = None, read_only: bool = False):
-        self.files, self.error, self.read_only, self.commits = files, error, read_only, []
-
-    def install(self, monkeypatch):
-        import huggingface_hub
-
-        hub = self
-
-        class Api:
-            def __init__(self, token=None):
-                pass
-
-            def list_repo_files(self, repo_id):
-                if hub.error is not None:
-                    raise hub.error
-                return list(hub.files)
-
-            def create_repo(self, repo_id, **kw):
-                hub.commits.append(("create", repo_id, kw))
-
-            def create_commit(self, repo_id, operations, commit_message=""):
-                from huggingface_hub import CommitOperationDelete
-
-                added = [op.path_in_repo for op in operations if not isinstance(op, CommitOperationDelete)]
-                hub.commits.append(("commit", added))
-                for op in operations:
-                    if isinstance(op, CommitOperationDelete):
-                        hub.files.pop(op.path_in_repo)
-                    else:
-                        hub.files[op.path_in_repo] = Path(op.path_or_fileobj).read_bytes()
-
-            def upload_file(self, path_or_fileobj, path_in_repo, repo_id, **kw):
-                if hub.read_only:
-                    raise PermissionError("403 Forbidden: this token cannot write")
-                hub.commits.append(("commit", [path_in_repo]))
-                hub.files[path_in_repo] = path_or_fileobj
-
-            def delete_files(self, repo_id, delete_patterns):
-                hub.commits.append(("delete", list(delete_patterns)))
-                for f in delete_patterns:
-                    hub.files.pop(f)
-
-        def download(repo_id, filename, local_dir, token=None):
-            target = Path(local_dir) / filename
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(hub.files[filename])
-            return str(target)
-
-        monkeypatch.setattr(huggingface_hub, "HfApi", Api)
-        monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-
-
 def test_hub_store_pulls_whole_folders_and_never_mistakes_an_error_for_an_empty_store(tmp_path, monkeypatch):
-    from huggingface_hub.errors import RepositoryNotFoundError
-
     files = {"warp/final_slerp/config.json": b"{}", "warp/final_slerp/model.safetensors": b"w", "x/y": b"z"}
-    FakeHub(files).install(monkeypatch)
+    hub = StandInHub(tmp_path / "hub").install(monkeypatch)
+    hub.put("me/warp", files)
     store = storage.Store("me/warp", tmp_path, token="hf_x")
     store.pull(tmp_path / "warp" / "final_slerp", tmp_path / "warp" / "missing.pt")
     assert sorted(p.name for p in (tmp_path / "warp" / "final_slerp").iterdir()) == [
@@ -223,11 +168,12 @@ def test_hub_store_pulls_whole_folders_and_never_mistakes_an_error_for_an_empty_
         tmp_path.glob("warp/.*")
     )  # only what was asked, no leftovers
     store.delete(tmp_path / "warp" / "final_slerp")
-    assert list(files) == ["x/y"]
+    assert list(hub.files("me/warp")) == ["x/y"]
 
-    FakeHub({}, RepositoryNotFoundError.__new__(RepositoryNotFoundError)).install(monkeypatch)
+    # a repo not created yet: RepositoryNotFoundError, the real one (404), means empty
     storage.Store("me/new", tmp_path / "fresh", token="hf_x").pull(tmp_path / "fresh" / "warp")  # nothing yet
-    FakeHub({}, ConnectionError("rate limited")).install(monkeypatch)
+    for listing in ("repo_info", "list_repo_files"):
+        hub.fail(listing, status=429, times=10)  # rate limited through every retry
     with pytest.raises(ConnectionError):  # not "the store is empty": that would retrain and overwrite it
         storage.Store("me/warp", tmp_path / "other", token="hf_x").pull(tmp_path / "other" / "warp")
 
@@ -259,11 +205,11 @@ def test_release_frees_only_what_the_store_holds_and_pull_brings_it_back(tmp_pat
         (root / step / "model.safetensors").write_bytes(step.encode())
     (root / "metrics.json").write_text("[]")
     if kind == "hub":
-        files = {}
-        FakeHub(files).install(monkeypatch)
+        hub = StandInHub(tmp_path / "hub").install(monkeypatch)
         store = storage.Store("me/warp", tmp_path / "ck", token="hf_x")
-        for step in ("step00001", "step00002"):  # as if pushed
-            files[f"reinforce/{step}/model.safetensors"] = step.encode()
+        hub.put(
+            "me/warp", {f"reinforce/{s}/model.safetensors": s.encode() for s in ("step00001", "step00002")}
+        )
     else:
         store = storage.Store(str(tmp_path / "drive"), tmp_path / "ck")
         assert store.push(root / "step00001", root / "step00002")
@@ -314,3 +260,74 @@ def test_04_killed_mid_sweep_resumes_from_the_store_bitwise(assets, tmp_path):
         final = Path("ck") / "mu_sweep" / f"mu={mu}" / "final_slerp" / "model.safetensors"
         a, b = load_file(str(work / final)), load_file(str(tmp_path / "whole" / final))
         assert all(torch.equal(a[k], b[k]) for k in a), mu
+
+
+def fake_run_files(monkeypatch):
+    """runs.RunFiles with its model writes faked: a snapshot is a folder with the step, progress only the
+    step and precision (what check_resume reads); the accelerator unwraps nothing."""
+    from types import SimpleNamespace
+
+    def snapshot(model, tokenizer, path, extra=None):
+        with checkpoints.atomic_dir(path) as tmp:
+            (tmp / "model.safetensors").write_text(str(extra["step"]))
+
+    def progress(path, accelerator, policy, anchor, optimizer, scheduler, step, history, mixed_precision):
+        checkpoints.save_progress(path, None, step=step, mixed_precision=mixed_precision)
+
+    monkeypatch.setattr(checkpoints, "save_pretrained_atomic", snapshot)
+    monkeypatch.setattr(runs, "save_run", progress)
+    return SimpleNamespace(unwrap_model=lambda model: model)
+
+
+def train(files: runs.RunFiles, steps: range, accelerator) -> None:
+    for step in steps:
+        files.save(step, accelerator, None, None, None, None, [], None, "no")
+
+
+def test_snapshots_made_before_an_interrupt_are_stored_when_the_run_resumes(tmp_path, monkeypatch):
+    """REINFORCE with save points 10/20/30 and its progress kept local (the time rule): interrupted after
+    step 22, rerun on the same disk, it resumes; at its end the store holds all three snapshots."""
+    accelerator = fake_run_files(monkeypatch)
+    ck, drive = tmp_path / "ck", tmp_path / "drive"
+    spec = runs.RunSpec(str(ck / "reinforce"), "", 0, 30, save_points=(10, 20, 30))
+    first = runs.RunFiles(spec, storage.Store(str(drive), ck, progress_minutes=60), save_every=5)
+    first.check_resume("no")
+    train(first, range(1, 23), accelerator)
+    assert not (drive / "reinforce").exists(), "nothing stored yet (the time rule)"
+
+    again = runs.RunFiles(spec, storage.Store(str(drive), ck, progress_minutes=60), save_every=5)  # a rerun
+    assert not again.finished()
+    again.check_resume("no")
+    assert checkpoints.progress_entry(again.progress, "step") == 20
+    train(again, range(21, 31), accelerator)
+    again.finish(None, [])
+    stored = sorted(p.name for p in (drive / "reinforce").iterdir())
+    assert stored == ["metrics.json", "step00010", "step00020", "step00030"]
+    assert not again.progress.exists()
+
+
+def test_a_run_whose_final_push_fails_keeps_its_progress_and_the_next_push_stores_it(tmp_path, monkeypatch):
+    """The run's end: its final state and metrics written here, the push fails (an outage through every
+    retry). The local progress stays (the store may hold only an older state); the next push of the
+    session carries the final state and the metrics and deletes the stored progress."""
+    from tests.hub_standin import StandInHub
+
+    accelerator = fake_run_files(monkeypatch)
+    hub = StandInHub(tmp_path / "hub").install(monkeypatch)
+    ck = tmp_path / "ck"
+    store = storage.Store("me/warp", ck, token="hf_x", progress_minutes=0)
+    spec = runs.RunSpec(str(ck / "warp" / "iter0" / "run0"), "", 0, 4)
+    files = runs.RunFiles(spec, store, save_every=2)
+    files.check_resume("no")
+    train(files, range(1, 4), accelerator)
+    assert "warp/iter0/run0/progress.pt" in hub.files("me/warp")  # stored by the time rule (0 minutes)
+    hub.fail("create_commit", status=503, times=100)
+    with pytest.warns(UserWarning, match=r"could not push .*final\.safetensors.*Not stored"):
+        files.finish({"w": torch.zeros(2)}, [{"step": 4}])
+    assert files.progress.exists(), "the push failed: the local progress stays"
+    assert set(store.unstored()) == {files.final, files.done}
+    hub.clear_faults()
+    assert store.push()  # e.g. the stage's next commit
+    held = set(hub.files("me/warp"))
+    assert {"warp/iter0/run0/final.safetensors", "warp/iter0/run0/metrics.json"} <= held
+    assert "warp/iter0/run0/progress.pt" not in held
