@@ -9,6 +9,10 @@ from pathlib import Path
 # Tests never touch the network: make the Hub libraries fail fast instead of trying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# README's command runs the suite in 2 pytest-xdist workers on 2 cores: one thread each (and in the notebook
+# kernels and training processes they start, which inherit it), not two workers of 2 threads fighting.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -17,6 +21,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # import utils fro
 
 # Location of the shared real-IMDb sample (beside the checkout, as CI has it); tests skip when absent.
 IMDB_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb_sample.jsonl"
+
+# Files whose tests share an expensive module fixture (a notebook run, trained models, a benchmark's
+# report) run whole in one worker, so that the fixture is made once; the others are spread test by test.
+# The longest start first, so that no worker waits at the end behind a notebook chain that began late.
+LONGEST_FIRST = ["test_series.py", "test_imdb_shaped.py", "test_01_reward_model.py", "test_store.py"]
+SHARED_FIXTURES = {
+    *LONGEST_FIRST, "test_bench_rl.py", "test_study.py", "test_offline.py", "test_reliability.py",
+    "test_warp.py", "test_evaluation.py",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    """Group the files of SHARED_FIXTURES (pytest-xdist's `--dist loadgroup`), longest first."""
+    for item in items:
+        if item.path.name in SHARED_FIXTURES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
 
 TINY_VOCAB = 50  # small enough to enumerate sequences, large enough for top-k to matter
 TINY_EOS = 1
