@@ -72,6 +72,24 @@ def test_02_shows_the_algorithm_and_runs_one_micro_batch(series):
     assert "(the sum of the loss terms)" in text
 
 
+def small_reference_lm(folder) -> str:
+    """A fluency judge for 03 with the offline SFT's vocabulary: random, one layer, 16 wide. What 03 does
+    with a judge is tested here; the offline preset's own judge (`offline.build_reference_lm`, 900 steps,
+    minutes of CI) is tested in test_offline.py on a small recipe."""
+    import torch
+    import transformers
+
+    import config
+
+    sft = config.preset_paths("offline")["sft"]
+    lm_config = transformers.AutoConfig.from_pretrained(sft)
+    lm_config.update(dict(n_layer=1, n_embd=16, n_head=2))
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(lm_config).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(sft).save_pretrained(folder)
+    return str(folder)
+
+
 def test_generation_eval_notebook(series):
     """03 evaluates every checkpoint 02 wrote, writes its tables, and its front starts at the SFT (eta 0:
     KL 0) and ends at the SLERP policy (eta 1)."""
@@ -79,6 +97,7 @@ def test_generation_eval_notebook(series):
     run_notebook(
         "03_generation_eval", work, PRESET="offline", CHECKPOINTS=str(ck), STORE=str(work / "store"),
         OVERRIDES={"n_prompts": 16, "etas": [0.0, 0.5, 1.0], "limit_samples": 16},
+        REFERENCE_LM=small_reference_lm(work / "reference_lm"),
     )  # fmt: skip
     results = pd.read_csv(ck / "eval" / "results.csv", index_col=0)
     assert set(results.index) == {"SFT", "WARP (slerp)", "WARP (liti)", "REINFORCE"}
