@@ -4,9 +4,11 @@ python run_series.py --preset offline                          # the whole serie
 python run_series.py --preset imdb --store me/warp-imdb        # the real series in one session
 python run_series.py --preset imdb --store me/warp-imdb --only 02 03   # some stages
 python run_series.py --preset offline --figures docs/offline   # also collect the plots and tables for README
+python run_series.py --preset offline --cpu-processes 2     # 02's and 04's runs in 2 processes (as T4 x2)
 
 Each notebook gets PRESET, CHECKPOINTS (the absolute --checkpoints) and STORE (--store) as parameters;
-their other parameters keep their defaults. The imdb preset needs --store (a Hub repo owner/name, with an
+their other parameters keep their defaults (with --cpu-processes N, 02 and 04 also get
+OVERRIDES={"cpu_processes": N}). The imdb preset needs --store (a Hub repo owner/name, with an
 HF_TOKEN, or an absolute folder): a GPU session's disk is gone when it ends.
 """
 
@@ -39,6 +41,11 @@ def collect_figures(checkpoints: Path, dest: Path) -> list[Path]:
     return copied
 
 
+def warp_runs(name: str, args) -> bool:
+    """Whether notebook `name` gets OVERRIDES for its WarpConfig from the command line (02 and 04 train)."""
+    return bool(args.cpu_processes) and name[:2] in ("02", "04")
+
+
 def main(argv: list[str] | None = None) -> int:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
@@ -50,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--store", default="", help="STORE of every notebook: Hub repo owner/name or a folder"
     )
+    parser.add_argument(
+        "--cpu-processes", type=int, default=0,
+        help="without a GPU, train 02's and 04's M runs in this many processes (WarpConfig.cpu_processes)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.preset == "imdb" and not args.store:
         parser.error(
@@ -79,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 "PRESET": args.preset,
                 "CHECKPOINTS": str(Path(args.checkpoints).resolve()),
                 "STORE": args.store,
+                **({"OVERRIDES": {"cpu_processes": args.cpu_processes}} if warp_runs(name, args) else {}),
             },  # fmt: skip
             cwd=str(root),
             kernel_name="python3",

@@ -175,6 +175,11 @@ class _Factory:
     def __call__(self, token: str | None = None, **_) -> StandInApi:
         return StandInApi(self.folder, token)
 
+    def __or__(self, other):  # `HfApi | None`, as transformers annotates at import (after a sitecustomize)
+        import typing
+
+        return typing.Union[StandInApi, other]  # noqa: UP007
+
 
 class _Add:
     """A CommitOperationAdd of bytes, for `StandInHub.put`."""
