@@ -7,9 +7,9 @@ python run_series.py --preset offline --figures docs/offline   # also collect th
 python run_series.py --preset offline --cpu-processes 2     # 02's and 04's runs in 2 processes (as T4 x2)
 
 Each notebook gets PRESET, CHECKPOINTS (the absolute --checkpoints) and STORE (--store) as parameters;
-their other parameters keep their defaults (with --cpu-processes N, 02 and 04 also get
-OVERRIDES={"cpu_processes": N}). The imdb preset needs --store (a Hub repo owner/name, with an
-HF_TOKEN, or an absolute folder): a GPU session's disk is gone when it ends.
+02 and 04 also get OVERRIDES (WarpConfig fields: --overrides as JSON, and --cpu-processes N as
+{"cpu_processes": N}); the other parameters keep their defaults. The imdb preset needs --store (a Hub repo
+owner/name, with an HF_TOKEN, or an absolute folder): a GPU session's disk is gone when it ends.
 """
 
 from __future__ import annotations
@@ -41,11 +41,6 @@ def collect_figures(checkpoints: Path, dest: Path) -> list[Path]:
     return copied
 
 
-def warp_runs(name: str, args) -> bool:
-    """Whether notebook `name` gets OVERRIDES for its WarpConfig from the command line (02 and 04 train)."""
-    return bool(args.cpu_processes) and name[:2] in ("02", "04")
-
-
 def main(argv: list[str] | None = None) -> int:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
@@ -61,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         "--cpu-processes", type=int, default=0,
         help="without a GPU, train 02's and 04's M runs in this many processes (WarpConfig.cpu_processes)",
     )  # fmt: skip
+    parser.add_argument("--overrides", default="{}", help='OVERRIDES of 02 and 04 as JSON, e.g. {"steps": 2}')
     args = parser.parse_args(argv)
+    import json
+
+    overrides = json.loads(args.overrides) | (
+        {"cpu_processes": args.cpu_processes} if args.cpu_processes else {}
+    )
     if args.preset == "imdb" and not args.store:
         parser.error(
             "--preset imdb needs --store (a Hub repo owner/name with an HF_TOKEN, or an absolute folder)"
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 "PRESET": args.preset,
                 "CHECKPOINTS": str(Path(args.checkpoints).resolve()),
                 "STORE": args.store,
-                **({"OVERRIDES": {"cpu_processes": args.cpu_processes}} if warp_runs(name, args) else {}),
+                **({"OVERRIDES": overrides} if overrides and name[:2] in ("02", "04") else {}),
             },  # fmt: skip
             cwd=str(root),
             kernel_name="python3",
