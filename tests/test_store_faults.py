@@ -8,10 +8,9 @@ The sample covers every kind of push 02 makes, on 02's own functions (`warp.warp
 `warp.train_reinforce_baseline`) with tiny settings: a run's final (`RunFiles.finish`, in iteration 0 and
 in the last), a merge (`Stage.keep` of iteration 0's next start), the final policies (`Stage.end`), a
 progress checkpoint (`push_progress`: `store_progress_minutes=0`), REINFORCE's snapshots (one rides with a
-progress checkpoint, the last with the run's final). 01's model and 03/04's records are pushes of the same
-`Store.push` from a notebook cell that prints "stored" only on its True; 01's is sampled through the
-notebook (`test_01s_model_push_that_fails_is_not_called_stored_and_a_rerun_stores_it`); the sweep of
-every push point of the whole series, 03/04's included, is `bench/store_faults.py`.
+progress checkpoint, the last with the run's final). Not sampled here: 01's model and 03/04's records,
+pushes of the same `Store.push` from notebook cells that print "stored" only on its True (the notebook
+runs they need do not fit CI's budget); `bench/store_faults.py` sweeps every commit of 02's training.
 """
 
 from __future__ import annotations
