@@ -397,3 +397,15 @@ def test_the_default_store_says_why_the_tokens_user_could_not_be_read(hub):
     hub.fail("whoami", timeout=True)
     with pytest.raises(ValueError, match=r"could not be read .*did not answer"):
         storage.resolve_store("", "hf_x", "kaggle")
+
+
+def test_what_a_commit_deletes_is_not_uploaded_by_it_when_a_failed_push_left_it(hub, tmp_path):
+    """A run's final whose push failed is carried by the merge's commit, which also discards it: that
+    commit must not upload it (nothing would delete it later: 0.5 GB kept for good at GPT-2's size)."""
+    root = files_under(tmp_path, run__final=b"f" * 100, merge=b"m")
+    store = storage.Store("me/warp", root, token="hf_x")
+    hub.fail("create_commit", status=503, times=store_backends.BACKOFF.tries)
+    with pytest.warns(UserWarning, match="could not push"):
+        assert not store.push(root / "run" / "final")
+    assert store.push(root / "merge", delete=[root / "run" / "final"])
+    assert set(hub.files("me/warp")) == {"merge"} and store.unstored() == []
