@@ -341,14 +341,18 @@ class WarpConfig(ConfigBase):
     long without a stored state, replacing the one before: a T = 100 GPU run stores none. 0 = every one."""
     parallel: bool = True
     """Run the M runs of an iteration at once, one per GPU, when there are at least 2 GPUs."""
+    cpu_processes: int = 0
+    """Without a GPU, run the M runs in this many spawned processes on the CPU (0 or 1: one after another in
+    this process): the code path of Kaggle's T4 x2, where each run trains in a process of its own, tested on
+    a CPU machine. At most M (one process per run); ignored where there are GPUs."""
     cpu_threads: int = 0
     """torch threads per run on the CPU (0 = torch's default); fixed values make runs bitwise repeatable."""
 
     # Where to push, how to split the work, how often to save: any other change between the sessions
     # of one out_dir would mix results of different settings in one folder.
     RESUMABLE_WITH_CHANGES = (
-        "out_dir", "parallel", "save_every", "store_progress_minutes", "cpu_threads", "reward_batch_size",
-        "compile_generation", "train_reinforce_baseline", "baseline_checkpoints",
+        "out_dir", "parallel", "cpu_processes", "save_every", "store_progress_minutes", "cpu_threads",
+        "reward_batch_size", "compile_generation", "train_reinforce_baseline", "baseline_checkpoints",
     )  # fmt: skip
     PRESET_DEFAULTS = {
         "imdb": {},
@@ -396,6 +400,11 @@ class WarpConfig(ConfigBase):
         self._require(self.save_every >= 1, "save_every", "must be >= 1")
         self._require(self.store_progress_minutes >= 0, "store_progress_minutes", "must be >= 0")
         self._require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0")
+        self._require(
+            0 <= self.cpu_processes <= self.runs,
+            "cpu_processes",
+            f"must lie in [0, runs={self.runs}]: one process per run at most",
+        )
 
 
 @dataclass

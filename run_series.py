@@ -4,10 +4,12 @@ python run_series.py --preset offline                          # the whole serie
 python run_series.py --preset imdb --store me/warp-imdb        # the real series in one session
 python run_series.py --preset imdb --store me/warp-imdb --only 02 03   # some stages
 python run_series.py --preset offline --figures docs/offline   # also collect the plots and tables for README
+python run_series.py --preset offline --cpu-processes 2     # 02's and 04's runs in 2 processes (as T4 x2)
 
 Each notebook gets PRESET, CHECKPOINTS (the absolute --checkpoints) and STORE (--store) as parameters;
-their other parameters keep their defaults. The imdb preset needs --store (a Hub repo owner/name, with an
-HF_TOKEN, or an absolute folder): a GPU session's disk is gone when it ends.
+02 and 04 also get OVERRIDES (WarpConfig fields: --overrides as JSON, and --cpu-processes N as
+{"cpu_processes": N}); the other parameters keep their defaults. The imdb preset needs --store (a Hub repo
+owner/name, with an HF_TOKEN, or an absolute folder): a GPU session's disk is gone when it ends.
 """
 
 from __future__ import annotations
@@ -50,7 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--store", default="", help="STORE of every notebook: Hub repo owner/name or a folder"
     )
+    parser.add_argument(
+        "--cpu-processes", type=int, default=0,
+        help="without a GPU, train 02's and 04's M runs in this many processes (WarpConfig.cpu_processes)",
+    )  # fmt: skip
+    parser.add_argument("--overrides", default="{}", help='OVERRIDES of 02 and 04 as JSON, e.g. {"steps": 2}')
     args = parser.parse_args(argv)
+    import json
+
+    overrides = json.loads(args.overrides) | (
+        {"cpu_processes": args.cpu_processes} if args.cpu_processes else {}
+    )
     if args.preset == "imdb" and not args.store:
         parser.error(
             "--preset imdb needs --store (a Hub repo owner/name with an HF_TOKEN, or an absolute folder)"
@@ -79,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 "PRESET": args.preset,
                 "CHECKPOINTS": str(Path(args.checkpoints).resolve()),
                 "STORE": args.store,
+                **({"OVERRIDES": overrides} if overrides and name[:2] in ("02", "04") else {}),
             },  # fmt: skip
             cwd=str(root),
             kernel_name="python3",

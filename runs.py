@@ -371,8 +371,11 @@ def mixed_precision_for(choice: str) -> str:
 
 
 def processes_for(cfg) -> int:
-    """How many of the M runs of an iteration train at once: one per GPU when `cfg.parallel` and 2+ GPUs."""
+    """How many of the M runs of an iteration train at once: one per GPU when `cfg.parallel` and 2+ GPUs;
+    without a GPU, `cfg.cpu_processes` (spawned processes on the CPU, through the same `run_parallel`)."""
     gpus = torch.cuda.device_count()
+    if gpus == 0:
+        return max(1, min(cfg.runs, cfg.cpu_processes))
     return min(cfg.runs, gpus) if cfg.parallel and gpus >= 2 else 1
 
 

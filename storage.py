@@ -360,6 +360,9 @@ class Store:
         deletes = list(
             dict.fromkeys([r for r in map(self._rel, [p for p in delete if p]) if r] + waiting_delete)
         )
+        # what this commit deletes is not uploaded by it: a run's final left by a failed push and carried
+        # here by the merge's commit, which discards it, would stay in the store for good (0.5 GB for GPT-2)
+        rels = [r for r in rels if not any(r == d or r.startswith(d + "/") for d in deletes)]
         items = [(self.root / rel, rel) for rel in rels if (self.root / rel).exists()]
         if not items and not deletes:
             return not outside

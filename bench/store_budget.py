@@ -12,6 +12,8 @@ series' own functions). Files of no model (JSON, plots) keep their measured size
 
     python run_series.py --preset offline --store /tmp/store --checkpoints /tmp/ck   # the series, ~10 min
     python bench/store_budget.py --store /tmp/store           # writes docs/store_budget.md and .json
+    python bench/store_budget.py --store /tmp/store --store2 /tmp/store2   # and a run in 2 processes
+    (python run_series.py --preset offline --cpu-processes 2 --store /tmp/store2 --checkpoints /tmp/ck2)
 """
 
 from __future__ import annotations
@@ -90,40 +92,33 @@ def replay(ledger: list[dict], sizes: dict | None) -> list[dict]:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--store", required=True, help="the folder store of a run of the series")
-    parser.add_argument(
-        "--out", default=str(ROOT / "docs" / "store_budget"), help="writes OUT.md and OUT.json"
-    )
-    args = parser.parse_args(argv)
-    import storage
-    from bench.machine import describe
+README = {"commits": 29, "uploaded_gb": 13.3, "after_02_gb": 3.8, "after_04_gb": 5.8}  # README's numbers
 
-    ledger = [json.loads(line) for line in (Path(args.store) / storage.LEDGER).read_text().splitlines()]
-    with tempfile.TemporaryDirectory() as work:
-        sizes = imdb_sizes(Path(work))
-    rows = {"offline": replay(ledger, None), "imdb": replay(ledger, sizes)}
-    names = NOTEBOOKS[: len(rows["imdb"])]
-    report = {
-        "store": args.store,
-        "machine": describe(),
-        "notebooks": names,
-        "imdb_file_sizes": sizes,
-        **rows,
+
+def readme_check(imdb: list[dict]) -> dict:
+    """README's numbers beside those replayed at the imdb sizes: the same commits, and GB that README's one
+    decimal rounds to (within 0.05)."""
+    measured = {
+        "commits": sum(r["commits"] for r in imdb),
+        "uploaded_gb": sum(r["uploaded"] for r in imdb) / 1e9,
+        "after_02_gb": imdb[1]["held"] / 1e9 if len(imdb) > 1 else None,
+        "after_04_gb": imdb[-1]["held"] / 1e9 if len(imdb) > 3 else None,
     }
-    Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=2))
+    same = lambda k, v: (
+        v == README[k] if k == "commits" else v is not None and abs(v - README[k]) <= 0.05 + 1e-9
+    )
+    return {
+        k: {
+            "readme": README[k],
+            "measured": v if k == "commits" or v is None else round(v, 2),
+            "same": same(k, v),
+        }
+        for k, v in measured.items()
+    }
+
+
+def table(names: list[str], rows: dict) -> list[str]:
     lines = [
-        "# What the store receives: commits, uploads and size per notebook\n",
-        "Counted on a folder store's ledger from a run of the whole series on the offline preset, whose",
-        "commits are those of the imdb defaults; the imdb columns count each model file at the size the",
-        "imdb preset writes (GPT-2 small, a DistilBERT-base reward model). The write check and the squash",
-        "are counted as the Hub commits they are. The series ran as `python run_series.py --preset offline",
-        f"--store {args.store}`; this page was written by",
-        f"`python bench/store_budget.py --store {args.store}` on {report['machine']['cpu']} (sizes do not",
-        "depend on the machine).\n",
         "| notebook | commits | files uploaded | GB uploaded (imdb) | store at its end, GB (imdb) "
         "| progress checkpoints stored | GB uploaded (offline) |",
         "|---|---|---|---|---|---|---|",
@@ -137,6 +132,71 @@ def main(argv: list[str] | None = None) -> dict:
     lines.append(
         f"\nIn all: {commits} commits, {total / 1e9:.2f} GB uploaded; the store ends at {end / 1e9:.2f} GB."
     )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--store", required=True, help="the folder store of a run of the series")
+    parser.add_argument(
+        "--store2", default="", help="the folder store of a run whose 02 and 04 trained in 2 processes"
+    )
+    parser.add_argument("--ran", default="", help="how the series ran (the commands), for the page")
+    parser.add_argument(
+        "--out", default=str(ROOT / "docs" / "store_budget"), help="writes OUT.md and OUT.json"
+    )
+    args = parser.parse_args(argv)
+    import storage
+    from bench.machine import describe
+
+    with tempfile.TemporaryDirectory() as work:
+        sizes = imdb_sizes(Path(work))
+    runs = {"one process": args.store, **({"two processes": args.store2} if args.store2 else {})}
+    report = {"machine": describe(), "imdb_file_sizes": sizes, "runs": {}}
+    for label, store in runs.items():
+        ledger = [json.loads(line) for line in (Path(store) / storage.LEDGER).read_text().splitlines()]
+        rows = {"offline": replay(ledger, None), "imdb": replay(ledger, sizes)}
+        names = NOTEBOOKS[: len(rows["imdb"])]
+        report["runs"][label] = {
+            "store": store,
+            "notebooks": names,
+            **rows,
+            "readme": readme_check(rows["imdb"]),
+        }
+    Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=2))
+    ran = args.ran or f"`python run_series.py --preset offline --store {args.store}`"
+    lines = [
+        "# What the store receives: commits, uploads and size per notebook\n",
+        "Counted on a folder store's ledger from a run of the whole series on the offline preset, whose",
+        "commits are those of the imdb defaults; the imdb columns count each model file at the size the",
+        "imdb preset writes (GPT-2 small, a DistilBERT-base reward model). The write check and the squash",
+        "are counted as the Hub commits they are; the commits of 02's and 04's training processes are in",
+        "the ledger of the notebook that spawned them.",
+        f"The series ran as {ran}; this page was written by `python bench/store_budget.py "
+        + " ".join(f"--{k} {v}" for k, v in (("store", args.store), ("store2", args.store2)) if v)
+        + f"` on {report['machine']['cpu']} (sizes do not depend on the machine).",
+    ]
+    for label, run in report["runs"].items():
+        lines += [f"\n## {label.capitalize()}\n", *table(run["notebooks"], run)]
+        check = run["readme"]
+        said = "; ".join(f"{k} {v['measured']} (README {v['readme']})" for k, v in check.items())
+        same = all(v["same"] for v in check.values())
+        lines.append(f"\nAgainst README: {said}: {'the same' if same else 'NOT the same'}.")
+    if len(report["runs"]) == 2:
+        a, b = (report["runs"][k]["imdb"] for k in runs)
+        same = [(r["commits"], r["files"], r["uploaded"], r["held"]) for r in a] == [
+            (r["commits"], r["files"], r["uploaded"], r["held"]) for r in b
+        ]
+        lines.append(
+            "\nTwo processes against one: "
+            + (
+                "the same commits, files, uploads and sizes, notebook by notebook."
+                if same
+                else "they DIFFER."
+            )
+        )
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return report

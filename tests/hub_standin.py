@@ -9,7 +9,11 @@ with:
 - a budget of commits per repo and hour (429 past it);
 - faults planned ahead on any call: `hub.fail("create_commit", status=503, nth=3)` (the 3rd call from
   now on, counted over all processes), `hub.fail("repo_info", timeout=True)` (the next call),
-  `hub.fail("create_commit", hold=0.5)` (a slow commit that holds the lock);
+  `hub.fail("create_commit", hold=0.5)` (a slow commit that holds the lock), `overlap=True` (it holds the
+  lock until another commit has met it: a 409 that does not depend on timing), `kill=True` (the process
+  that made the commit is SIGKILLed right after it is in: a session that dies before hearing back);
+  `match="init.safetensors"` counts only the commits whose message names it;
+- a journal of every call (`calls`) and of every refusal (`refusals`: 409, 412, 429, planned faults);
 - a listing is the state when it was made: a client that keeps one does not see later commits;
 - file sizes, and a history that keeps every committed file's bytes until `super_squash_history` frees
   those only old commits use (`used_storage`, as `repo_info` reports it).
@@ -29,6 +33,7 @@ import importlib
 import io
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -57,6 +62,7 @@ class StandInHub:
         (self.folder / "locks").mkdir(exist_ok=True)
         if not (self.folder / "state.json").exists():
             state = {"repos": {}, "calls": [], "counts": {}, "faults": [], "budget": commits_per_hour}
+            state["refusals"] = []
             state["tokens"] = {t: list(v) for t, v in (tokens or TOKENS).items()}
             _write(self.folder / "state.json", state)
 
@@ -91,12 +97,18 @@ class StandInHub:
         timeout: bool = False,
         hold: float = 0.0,
         times: int = 1,
+        overlap: bool = False,
+        kill: bool = False,
+        match: str = "",
     ) -> None:
         """Plan a fault for the `nth` call of `call` from now on (all processes), and the `times - 1` after
-        it: an HTTP `status`, a timeout, or (`hold`) a commit that holds the repo's lock that long."""
+        it: an HTTP `status`, a timeout, (`hold`) a commit that holds the repo's lock that long, or with
+        `overlap` until another commit has met the lock (409), at most `hold` seconds; `kill`: SIGKILL the
+        calling process once its commit is in. With `match`, only commits whose message holds it count."""
         with self._state() as state:
-            first = state["counts"].get(call, 0) + nth
-            fault = {"call": call, "status": status, "timeout": timeout, "hold": hold}
+            first = state["counts"].get(_counter(call, match), 0) + nth
+            fault = {"call": call, "status": status, "timeout": timeout, "hold": hold, "match": match}
+            fault.update(overlap=overlap, kill=kill)
             state["faults"] += [{**fault, "at": first + k} for k in range(times)]
 
     def clear_faults(self) -> None:
@@ -140,6 +152,11 @@ class StandInHub:
         calls = _read(self.folder / "state.json")["calls"]
         return [c for c in calls if name is None or c["call"] == name]
 
+    def refusals(self, status: int | None = None) -> list[dict]:
+        """Every call the Hub refused (by any process): its name, status, commit message and pid."""
+        refused = _read(self.folder / "state.json").get("refusals", [])
+        return [r for r in refused if status is None or r["status"] == status]
+
     def used_storage(self, repo: str) -> int:
         return _used(self.folder, _read(self.folder / "state.json")["repos"][repo])
 
@@ -157,6 +174,11 @@ class _Factory:
 
     def __call__(self, token: str | None = None, **_) -> StandInApi:
         return StandInApi(self.folder, token)
+
+    def __or__(self, other):  # `HfApi | None`, as transformers annotates at import (after a sitecustomize)
+        import typing
+
+        return typing.Union[StandInApi, other]  # noqa: UP007
 
 
 class _Add:
@@ -251,26 +273,31 @@ class StandInApi:
 
         operations = list(operations)
         url = f"{URL}/{repo_id}/commit/main"
-        with self._commit("create_commit", repo_id, url) as (state, repo):
+        with self._commit("create_commit", repo_id, url, commit_message) as (state, repo, fault):
             head = repo["history"][-1]
-            if parent_commit is not None and parent_commit != head["sha"]:
-                _raise(412, "POST", url, MESSAGES[412])
-            files = dict(head["files"])
-            for op in operations:
+            stale = parent_commit is not None and parent_commit != head["sha"]
+            files = {} if stale else dict(head["files"])
+            for op in [] if stale else operations:
                 if isinstance(op, CommitOperationDelete):
                     if files.pop(op.path_in_repo, None) is None:
                         _raise(404, "POST", url, f"File not found: {op.path_in_repo}", "EntryNotFound")
                 else:
                     files[op.path_in_repo] = self._blob(op.path_or_fileobj)
-            sha = _sha(head["sha"], commit_message, sorted(files.items()))
-            repo["history"].append({"sha": sha, "message": commit_message, "files": files})
-            repo["commit_times"].append(time.time())
-            return CommitInfo(
-                commit_url=f"https://huggingface.co/{repo_id}/commit/{sha}",
-                commit_message=commit_message,
-                commit_description="",
-                oid=sha,
-            )
+            if not stale:
+                sha = _sha(head["sha"], commit_message, sorted(files.items()))
+                repo["history"].append({"sha": sha, "message": commit_message, "files": files})
+                repo["commit_times"].append(time.time())
+        if stale:
+            _refused(self.folder, "create_commit", 412, commit_message)
+            _raise(412, "POST", url, MESSAGES[412])
+        if fault.get("kill"):  # the commit is in; the session dies before it hears back
+            os.kill(os.getpid(), signal.SIGKILL)
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/{sha}",
+            commit_message=commit_message,
+            commit_description="",
+            oid=sha,
+        )
 
     def upload_file(
         self,
@@ -296,7 +323,7 @@ class StandInApi:
         self, repo_id: str, *, branch: str | None = None, commit_message: str | None = None, **_
     ) -> None:
         url = f"{URL}/{repo_id}/super-squash/main"
-        with self._commit("super_squash_history", repo_id, url) as (state, repo):
+        with self._commit("super_squash_history", repo_id, url) as (state, repo, _):
             head = repo["history"][-1]
             sha = _sha("squash", head["sha"])
             repo["history"] = [
@@ -313,13 +340,20 @@ class StandInApi:
         """One call: journaled, its planned fault raised, the token checked, the repo looked up (404 when
         missing, or private and someone else's). Yields the state (saved if the block succeeds), the repo
         and the planned fault's hold."""
+        message = details.get("message") or ""
         with _locked(self.folder) as state:
-            state["counts"][name] = count = state["counts"].get(name, 0) + 1
+            fault = None
+            matches = {f.get("match", "") for f in state["faults"] if f["call"] == name} | {""}
+            for match in [m for m in matches if m in message]:  # each counter the call advances
+                key = _counter(name, match)
+                state["counts"][key] = count = state["counts"].get(key, 0) + 1
+                planned = [f for f in state["faults"] if f["call"] == name and f.get("match", "") == match]
+                fault = fault or next((f for f in planned if f["at"] == count), None)
             state["calls"].append({"call": name, "repo": repo_id, "pid": os.getpid(), **details})
-            fault = next((f for f in state["faults"] if f["call"] == name and f["at"] == count), None)
         if fault and fault["timeout"]:
             raise http.ReadTimeout("The read operation timed out", request=http.Request("GET", URL))
         if fault and fault["status"]:
+            _refused(self.folder, name, fault["status"], message)
             _raise(fault["status"], "POST", f"{URL}/{repo_id}", MESSAGES.get(fault["status"], "Server error"))
         with _locked(self.folder) as state:
             user, _ = self._user(state, self.token)
@@ -328,14 +362,14 @@ class StandInApi:
                 repo = state["repos"].get(repo_id)
                 if repo is None or (repo["private"] and repo_id.split("/")[0] != user):
                     _raise(404, "GET", f"{URL}/{repo_id}", "Repository not found", "RepoNotFound")
-            yield state, repo, fault["hold"] if fault else 0.0
+            yield state, repo, fault or {}
 
     @contextlib.contextmanager
-    def _commit(self, name: str, repo_id: str, url: str):
+    def _commit(self, name: str, repo_id: str, url: str, message: str = ""):
         """A commit: write access, then the repo's commit lock for its duration (409 while another commit
         holds it; a lock left by a killed process is broken), the hourly budget (429), then the state,
-        read and saved under the state lock."""
-        with self._call(name, repo_id) as (state, repo, hold):
+        read and saved under the state lock; a planned `kill` ends the process once the commit is in."""
+        with self._call(name, repo_id, message=message) as (state, repo, fault):
             user, can_write = self._user(state, self.token)
             if not can_write or repo_id.split("/")[0] != user:
                 _raise(403, "POST", url, "You don't have the rights to write to this repo")
@@ -346,19 +380,30 @@ class StandInApi:
             holder = lock.read_text() if lock.exists() else ""
             if holder.isdigit() and not _alive(int(holder)):
                 lock.unlink(missing_ok=True)
+            _refused(self.folder, name, 409, message)
             _raise(409, "POST", url, MESSAGES[409])
         try:
             os.write(fd, str(os.getpid()).encode())
             os.close(fd)
-            time.sleep(hold)  # a slow upload: the lock stays held, other processes' calls go on
+            # a slow upload: the lock stays held, other processes' calls go on (with `overlap`, until one
+            # of them has met it)
+            busy, deadline = len(self._refusals(409)), time.time() + fault.get("hold", 0.0)
+            while time.time() < deadline and not (fault.get("overlap") and len(self._refusals(409)) > busy):
+                time.sleep(0.02)
             with _locked(self.folder) as state:
                 repo = state["repos"][repo_id]
                 hour = [t for t in repo["commit_times"] if t > time.time() - 3600]
-                if len(hour) >= state["budget"]:
-                    _raise(429, "POST", url, f"{MESSAGES[429]} ({state['budget']} per hour)")
-                yield state, repo
+                over = len(hour) >= state["budget"]
+                if not over:
+                    yield state, repo, fault
+            if over:
+                _refused(self.folder, name, 429, message)
+                _raise(429, "POST", url, f"{MESSAGES[429]} ({state['budget']} per hour)")
         finally:
             lock.unlink(missing_ok=True)
+
+    def _refusals(self, status: int) -> list[dict]:
+        return [r for r in _read(self.folder / "state.json").get("refusals", []) if r["status"] == status]
 
     def _user(self, state: dict, token: str | None) -> tuple[str, bool]:
         if token not in state["tokens"]:
@@ -415,6 +460,18 @@ def _used(folder: Path, repo: dict) -> int:
     """Bytes of every blob any commit of the repo's history holds (deleted files count until a squash)."""
     blobs = {blob: n for commit in repo["history"] for blob, n in commit["files"].values()}
     return sum(blobs.values())
+
+
+def _counter(call: str, match: str) -> str:
+    """What a planned fault is numbered by: every call of `call`, or those whose message holds `match`."""
+    return f"{call}~{match}" if match else call
+
+
+def _refused(folder: Path, call: str, status: int, message: str) -> None:
+    with _locked(folder) as state:
+        state.setdefault("refusals", []).append(
+            {"call": call, "status": status, "message": message, "pid": os.getpid()}
+        )
 
 
 def _alive(pid: int) -> bool:

@@ -99,7 +99,25 @@ def test_processes_follow_cfg_parallel(monkeypatch):
     assert runs.processes_for(SimpleNamespace(runs=2, parallel=False)) == 1
     assert runs.processes_for(SimpleNamespace(runs=4, parallel=True)) == 2  # one run per GPU at a time
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert runs.processes_for(SimpleNamespace(runs=2, parallel=True)) == 1
+    assert runs.processes_for(SimpleNamespace(runs=2, parallel=True, cpu_processes=2)) == 1  # the GPU's
+
+
+def test_cpu_processes_take_the_parallel_path_without_gpus(monkeypatch):
+    """Without a GPU the M runs go to `cpu_processes` spawned processes (T4 x2's path, on the CPU), at most
+    one per run; a value that cannot be honoured is refused when the config is made, naming the field."""
+    import config
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    cfg = lambda **kw: config.WarpConfig.for_preset("offline", **kw)
+    assert runs.processes_for(cfg(cpu_processes=2)) == 2
+    assert runs.processes_for(cfg(cpu_processes=2, runs=3)) == 2
+    assert runs.processes_for(cfg()) == 1 and runs.processes_for(cfg(cpu_processes=1)) == 1
+    with pytest.raises(ValueError, match=r"cpu_processes=3: must lie in \[0, runs=2\]"):
+        cfg(cpu_processes=3)
+    with pytest.raises(ValueError, match=r"cpu_processes=-1"):
+        cfg(cpu_processes=-1)
+    with pytest.raises(ValueError, match=r"cpu_processes=True: must be of type int"):
+        cfg(cpu_processes=True)
 
 
 def fail_in_child(n: int, device=None) -> None:

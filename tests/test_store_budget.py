@@ -36,3 +36,20 @@ def test_each_file_is_counted_at_its_kinds_size_and_deletions_leave_the_store():
     assert b["commits"] == 3 and b["uploaded"] == 500 + 2 + 500 + 1
     assert b["held"] == 263 + 2 + 500 + 1  # the run's final left the store with the commit that replaced it
     assert replay(ledger, None)[1]["uploaded"] == 7 + 2 + 7 + 1  # the sizes as written
+
+
+def test_readmes_numbers_are_checked_against_the_replay():
+    """README's 29 commits, 13.3 GB uploaded, 3.8 GB after 02 and 5.8 GB after 04 are matched as README
+    rounds them; one commit more is told."""
+    from bench.store_budget import readme_check
+
+    gb = 10**9
+    rows = [{"commits": 2, "uploaded": 0.27 * gb, "held": 0.27 * gb}, {"commits": 10, "uploaded": 6 * gb,
+            "held": 3.78 * gb}, {"commits": 2, "uploaded": 0, "held": 3.78 * gb},
+            {"commits": 15, "uploaded": 6.98 * gb, "held": 5.79 * gb}]  # fmt: skip
+    assert all(v["same"] for v in readme_check(rows).values())
+    rows[3]["commits"] += 1
+    check = readme_check(rows)
+    assert (
+        not check["commits"]["same"] and check["commits"]["measured"] == 30 and check["after_04_gb"]["same"]
+    )

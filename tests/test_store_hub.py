@@ -127,6 +127,50 @@ def test_the_commit_budget_and_planned_faults(tmp_path):
     assert limited.value.response.status_code == 429
 
 
+KILLED_AFTER_ITS_COMMIT = """
+import sys
+sys.path.insert(0, {root!r})
+from huggingface_hub import CommitOperationAdd
+from tests.hub_standin import StandInHub
+api = StandInHub({folder!r}).api("hf_x")
+for name in ("a", "b", "c"):
+    api.create_commit("me/r", [CommitOperationAdd(path_in_repo=name, path_or_fileobj=b"x")],
+                      commit_message=name)
+    print("answered", name, flush=True)
+"""
+
+
+def test_faults_by_message_an_overlap_that_does_not_depend_on_timing_and_a_kill(tmp_path):
+    """`match` numbers only the commits that name a file; `overlap` holds the lock until another commit
+    met it (409, journaled in `refusals`); `kill` ends the process with its commit in and unanswered."""
+    hub = StandInHub(tmp_path / "hub")
+    api = hub.api("hf_x")
+    api.create_repo("me/r", private=True)
+    hub.fail("create_commit", nth=2, status=503, match="init")
+    for name in ("run0/final", "iter1/init", "run1/final"):  # the 1st commit naming "init": no fault
+        api.create_commit("me/r", [add(name)], commit_message=f"store {name}")
+    with pytest.raises(HfHubHTTPError):
+        api.create_commit("me/r", [add("iter2/init")], commit_message="store iter2/init")
+    assert [r["status"] for r in hub.refusals()] == [503]
+
+    hub.fail("create_commit", hold=60, overlap=True)
+    code = SLOW_COMMIT.replace('hub.fail("create_commit", hold=2.0)', "")  # the overlap's hold instead
+    other = subprocess.Popen([sys.executable, "-c", code.format(root=str(ROOT), folder=str(hub.folder))])
+    lock, start = hub.folder / "locks" / "me__r.lock", time.time()
+    while not lock.exists() and time.time() < start + 60:
+        time.sleep(0.01)
+    with pytest.raises(HfHubHTTPError):  # the other process holds the lock until this one met it
+        api.create_commit("me/r", [add("mine")], commit_message="mine")
+    assert other.wait(timeout=60) == 0 and time.time() - start < 30, "the hold ended at the overlap"
+    assert [r["status"] for r in hub.refusals()] == [503, 409] and "slow" in hub.files("me/r")
+
+    hub.fail("create_commit", nth=2, kill=True)
+    code = KILLED_AFTER_ITS_COMMIT.format(root=str(ROOT), folder=str(hub.folder))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -9 and done.stdout.split("\n")[:-1] == ["answered a"]
+    assert {"a", "b"} <= set(hub.files("me/r")) and "c" not in hub.files("me/r"), "b is in, unanswered"
+
+
 def test_a_listing_is_the_repo_when_listed_and_history_keeps_deleted_bytes_until_a_squash(tmp_path):
     hub = StandInHub(tmp_path / "hub")
     api, other = hub.api("hf_x"), hub.api("hf_x")
@@ -353,3 +397,15 @@ def test_the_default_store_says_why_the_tokens_user_could_not_be_read(hub):
     hub.fail("whoami", timeout=True)
     with pytest.raises(ValueError, match=r"could not be read .*did not answer"):
         storage.resolve_store("", "hf_x", "kaggle")
+
+
+def test_what_a_commit_deletes_is_not_uploaded_by_it_when_a_failed_push_left_it(hub, tmp_path):
+    """A run's final whose push failed is carried by the merge's commit, which also discards it: that
+    commit must not upload it (nothing would delete it later: 0.5 GB kept for good at GPT-2's size)."""
+    root = files_under(tmp_path, run__final=b"f" * 100, merge=b"m")
+    store = storage.Store("me/warp", root, token="hf_x")
+    hub.fail("create_commit", status=503, times=store_backends.BACKOFF.tries)
+    with pytest.warns(UserWarning, match="could not push"):
+        assert not store.push(root / "run" / "final")
+    assert store.push(root / "merge", delete=[root / "run" / "final"])
+    assert set(hub.files("me/warp")) == {"merge"} and store.unstored() == []

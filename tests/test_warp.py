@@ -286,7 +286,7 @@ def test_warp_outer_loop_slerp_then_liti(assets, tmp_path):
 def test_claim_out_dir_allows_only_harmless_changes(assets, tmp_path):
     """Where to push, how to parallelise and how often to save may change between sessions; beta may not."""
     runs.claim_out_dir(make_cfg(assets, tmp_path))
-    runs.claim_out_dir(make_cfg(assets, tmp_path, save_every=5, parallel=False))
+    runs.claim_out_dir(make_cfg(assets, tmp_path, save_every=5, parallel=False, cpu_processes=2))
     with pytest.raises(ValueError, match="beta"):
         runs.claim_out_dir(make_cfg(assets, tmp_path, beta=0.3))
 
