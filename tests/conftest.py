@@ -28,7 +28,7 @@ IMDB_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb_sa
 LONGEST_FIRST = ["test_series.py", "test_imdb_shaped.py", "test_01_reward_model.py", "test_store.py"]
 SHARED_FIXTURES = {
     *LONGEST_FIRST, "test_bench_rl.py", "test_study.py", "test_offline.py", "test_reliability.py",
-    "test_warp.py", "test_evaluation.py",
+    "test_warp.py", "test_evaluation.py", "test_store_faults.py", "test_store_processes.py",
 }  # fmt: skip
 
 
