@@ -193,6 +193,9 @@ def disk_report(root: str | Path) -> str:
     return f"local disk: {used / 1e9:.2f} GB of checkpoints in {root}, {free / 1e9:.1f} GB free"
 
 
+ROOT = "checkpoints"  # the notebooks' default CHECKPOINTS: "checkpoints/reward_model" is a folder, no Hub id
+
+
 def looks_local(location: str) -> bool:
     """A folder rather than a Hub repo id ("owner/name"): absolute, relative with ./~, or existing."""
     return location.startswith((".", "/", "~")) or Path(location).exists() or location.count("/") != 1
@@ -200,12 +203,13 @@ def looks_local(location: str) -> bool:
 
 def resolve_checkpoint(source: str, subfolder: str = "", hint: str = "", token: str | None = None) -> str:
     """A local folder for `source`: itself if it exists, else a download of the Hub repo (subfolder).
-    A missing folder (absolute, relative to an existing folder, or starting with . or ~) is not sent to
-    the Hub as a repo id; either way a failure says what was looked for and `hint`, what to do."""
+    A missing folder (absolute, relative to an existing folder, under the notebooks' default root `ROOT`
+    even where that does not exist yet, or starting with . or ~) is not sent to the Hub as a repo id;
+    either way a failure says what was looked for and `hint`, what to do."""
     local = Path(source).expanduser() / subfolder if subfolder else Path(source).expanduser()
     if local.exists():
         return str(local)
-    if looks_local(source) or Path(source).parent.exists():
+    if looks_local(source) or Path(source).parent.exists() or Path(source).parts[:1] == (ROOT,):
         raise FileNotFoundError(f"no checkpoint at {local}. {hint}".strip())
     from huggingface_hub import snapshot_download
 

@@ -187,3 +187,21 @@ def test_resolve_checkpoint_prefers_a_local_folder(tmp_path):
     (tmp_path / "run" / "iter1").mkdir(parents=True)
     assert checkpoints.resolve_checkpoint(str(tmp_path / "run")) == str(tmp_path / "run")
     assert checkpoints.resolve_checkpoint(str(tmp_path / "run"), "iter1") == str(tmp_path / "run" / "iter1")
+
+
+def test_a_missing_checkpoint_under_the_notebooks_root_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """A fresh session without `checkpoints/`: 02's `checkpoints/reward_model` is a folder that 01 makes,
+    not a Hub repo of a user `checkpoints`; it fails with what to do, and the Hub is not asked. A Hub id
+    (`me/reward_model`) is still looked up there."""
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **k: asked.append(repo) or 1 / 0)
+    monkeypatch.chdir(tmp_path)
+    hint = storage.missing_hint("01_reward_model.ipynb", "the reward model")
+    with pytest.raises(FileNotFoundError) as missing:
+        checkpoints.resolve_checkpoint("checkpoints/reward_model", hint=hint)
+    assert str(missing.value) == f"no checkpoint at checkpoints/reward_model. {hint}" and asked == []
+    with pytest.raises(FileNotFoundError, match=r"^me/reward_model: not a local folder, nor on the Hub"):
+        checkpoints.resolve_checkpoint("me/reward_model", hint=hint)
+    assert asked == ["me/reward_model"]

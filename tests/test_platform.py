@@ -194,24 +194,33 @@ def troubleshooting_row(case: str) -> str:
 
 
 def test_troubleshooting_quotes_what_a_missing_earlier_output_prints(tmp_path, monkeypatch):
-    """Both messages a notebook can stop with (the `checkpoints` folder missing: the id is tried on the
-    Hub; or there) are the ones the row quotes, with what to do."""
+    """The messages a notebook can stop with (the `checkpoints` folder missing or there: the same; a Hub
+    id that is not there) are the ones the row quotes, with what to do."""
+    import huggingface_hub
+
     import checkpoints
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **k: 1 / 0)  # not there
     hint = storage.missing_hint("01_reward_model.ipynb", "the reward model")
     messages = []
-    for made in (False, True):
+    for made, source in (
+        (False, "checkpoints/reward_model"),
+        (True, "checkpoints/reward_model"),
+        (True, "me/reward_model"),
+    ):
         if made:
-            (tmp_path / "checkpoints").mkdir()
+            (tmp_path / "checkpoints").mkdir(exist_ok=True)
         with pytest.raises(FileNotFoundError) as missing:
-            checkpoints.resolve_checkpoint("checkpoints/reward_model", hint=hint)
+            checkpoints.resolve_checkpoint(source, hint=hint)
         messages.append(str(missing.value))
     row = troubleshooting_row("a missing earlier output")
-    assert messages[0].startswith("checkpoints/reward_model: not a local folder, nor on the Hub (")
-    assert messages[1].startswith("no checkpoint at checkpoints/reward_model. ")
+    assert messages[0] == messages[1] and messages[0].startswith(
+        "no checkpoint at checkpoints/reward_model. "
+    )
+    assert messages[2].startswith("me/reward_model: not a local folder, nor on the Hub (")
     for quoted in (
-        "checkpoints/reward_model: not a local folder, nor on the Hub (",
+        "me/reward_model: not a local folder, nor on the Hub (",
         "no checkpoint at checkpoints/reward_model. ",
         "the reward model is made by 01_reward_model.ipynb: run it first with the same STORE (",
         "or on Kaggle add 01_reward_model.ipynb's output as input (Add Input -> Your Work)",

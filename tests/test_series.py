@@ -94,7 +94,7 @@ def test_generation_eval_notebook(series):
     """03 evaluates every checkpoint 02 wrote, writes its tables, and its front starts at the SFT (eta 0:
     KL 0) and ends at the SLERP policy (eta 1)."""
     work, ck, _, _ = series
-    run_notebook(
+    text, _ = run_notebook(
         "03_generation_eval", work, PRESET="offline", CHECKPOINTS=str(ck), STORE=str(work / "store"),
         OVERRIDES={"n_prompts": 16, "etas": [0.0, 0.5, 1.0], "limit_samples": 16},
         REFERENCE_LM=small_reference_lm(work / "reference_lm"),
@@ -127,6 +127,9 @@ def test_generation_eval_notebook(series):
     assert "gap_to_limit" in results  # NaN where the limit of 16 samples is not reliable (most KLs here)
     assert results["gold"].notna().all() and ("WARP (slerp) - SFT", "gold") in paired.index  # the lexicon
     assert (results["gap_to_limit"].dropna() < 0.5).all()  # no model far above the best any policy can do
+    # its last cell asked the store for what 04 takes (01's model, 02's run of its mu) and 03's results
+    assert f"all that 04 needs is in the store {work / 'store'}: reward_model, warp/config.json" in text
+    assert "warp/iter1/merge.json" in text.split("all that 04 needs")[1] and "NOT all" not in text
 
 
 def test_mu_sweep_notebook_reuses_training_and_skips_finished(series):
@@ -137,7 +140,9 @@ def test_mu_sweep_notebook_reuses_training_and_skips_finished(series):
         OVERRIDES={"steps": 3, "iterations": 1},
         EVAL_OVERRIDES={"n_prompts": 8, "samples_per_prompt": 1, "limit_samples": 8},
     )  # fmt: skip
-    run_notebook("04_mu_sweep", work, **params)
+    text, _ = run_notebook("04_mu_sweep", work, **params)
+    said = f"all that a rerun of 04 needs is in the store {work / 'store'}: mu_sweep/mu_sweep.csv"
+    assert said in text and "mu_sweep/mu=0.1/final_liti" in text and "NOT all" not in text
     table = pd.read_csv(ck / "mu_sweep" / "mu_sweep.csv", index_col=0)
     assert list(table.index) == ["SFT", "mu=0.01", "mu=0.1"] and "gap_to_limit" in table and "gold" in table
     assert (ck / "mu_sweep" / "mu_sweep.png").stat().st_size > 0
@@ -199,6 +204,10 @@ def test_the_store_gets_what_is_costly_to_recompute_in_few_commits(series):
         and sum("reinforce/step" in f and f.endswith("model.safetensors") for f in held) == 5
     )
     assert "is stored in" in texts["01"] and f"stored in {work / 'store'}" in texts["02"]
+    # each asked the store itself for all that the later notebooks take from it
+    assert f"all that 02, 03 and 04 need is in the store {work / 'store'}: reward_model\n" in texts["01"]
+    said = f"all that 03 and 04 need is in the store {work / 'store'}: reward_model, warp/config.json, "
+    assert said + "warp/final_slerp, warp/final_liti, warp/reinforce, warp/iter1/merge.json" in texts["02"]
     assert (ck / "reward_model" / "metrics.json").exists()  # 02 pulled 01's model from the store
 
 

@@ -8,6 +8,8 @@ import io
 import json
 import time
 from contextlib import redirect_stdout
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -173,10 +175,13 @@ def test_01_says_stored_only_for_what_the_store_confirmed(tmp_path):
         def summary(self):
             return "summary"
 
+    fake_storage = SimpleNamespace(
+        handoff=lambda store, *args: (store.ok, "handoff"), flush_drive=lambda *a: None
+    )
     for ok, said in ((False, "NOT in the store me/warp-imdb"), (True, "is stored in me/warp-imdb")):
         scope = dict(train_now=False, stopped_early=False, out=tmp_path / "reward_model", store=FakeStore(ok))
         scope.update(progress_dir=tmp_path / "reward_model_progress")
-        scope.update(storage=storage, config=config, checkpoints=checkpoints, CHECKPOINTS=str(tmp_path))
+        scope.update(storage=fake_storage, config=config, checkpoints=checkpoints, CHECKPOINTS=str(tmp_path))
         with redirect_stdout(io.StringIO()) as printed:
             exec(compile(code, "01-last-cell", "exec"), scope)
         assert said in printed.getvalue()
@@ -211,8 +216,6 @@ def test_01_stores_the_model_with_its_progress_deleted_in_one_commit_and_a_rerun
     push now going through, the cell pushes again without saving again (the model in memory is then the
     reloaded plain one, which has no LoRA to merge)."""
     import shutil
-    from pathlib import Path
-    from types import SimpleNamespace
 
     import torch
 
@@ -266,13 +269,17 @@ def test_01_stores_the_model_with_its_progress_deleted_in_one_commit_and_a_rerun
     cfg = SimpleNamespace(mode="lora", eval_batch_size=2, batch_size=2, val_pairs=1, reward_base="b",
                           data="d", save=lambda path: Path(path).write_text("{}"), to_dict=dict)  # fmt: skip
     store = FakeStore()
+    fake_storage = SimpleNamespace(
+        handoff=lambda store, *args: (store.ok, "handoff"), flush_drive=lambda *a: None
+    )
     scope = dict(
         train_now=True, stopped_early=False, out=out, progress_dir=progress, store=store, model=Trained(),
         cfg=cfg, preset="imdb", tokenizer="tokenizer", utils=fake_utils, checkpoints=fake_checkpoints,
         val_pos=["a"], val_neg=["b"], max_length=8, validate=lambda model: (metrics, [], []), epochs_done=1,
         train_seconds=1.0, val_seconds=0.1, history=[{"pairs": 4}], torch=torch, resumed_from=None,
         accelerator=SimpleNamespace(device="cpu", mixed_precision="no"), model_info={}, json=json,
-        shutil=shutil, storage=storage, config=config, CHECKPOINTS=str(tmp_path / "ck"),
+        shutil=shutil, config=config, CHECKPOINTS=str(tmp_path / "ck"),
+        storage=fake_storage,
     )  # fmt: skip
     with redirect_stdout(io.StringIO()) as printed:
         exec(compile(code, "01-save-cell", "exec"), scope)
@@ -312,3 +319,185 @@ def test_a_repo_name_without_its_owner_gets_the_hint_even_beside_a_clone_of_that
     (tmp_path / "warp-imdb").mkdir()
     with pytest.raises(ValueError, match=r"not a Hub repo id \(owner/name\): did you mean 'me/warp-imdb'\?"):
         storage.resolve_store("warp-imdb", me, "kaggle")
+
+
+def series_files(root: Path, iterations: int = 2) -> None:
+    """What 01 and 02 leave in the checkpoints folder, small: the reward model, 02's settings, its final
+    policies, REINFORCE's snapshots and metrics, its merges."""
+    made = ["reward_model/model.safetensors", "reward_model/metrics.json", "warp/reinforce/metrics.json"]
+    made += [
+        f"warp/{name}/model.safetensors" for name in ("final_slerp", "final_liti", "reinforce/step00002")
+    ]
+    for rel in made + [f"warp/iter{i}/merge.json" for i in range(iterations)]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode())
+    settings = {"iterations": iterations, "train_reinforce_baseline": True}
+    (root / "warp" / "config.json").write_text(json.dumps(settings))
+
+
+def test_handoff_asks_the_store_pushes_what_is_here_and_names_what_is_missing(tmp_path):
+    """At 02's end, with a folder store: a card written after the policies were stored is pushed by the
+    check itself; a merge that is neither here nor in the store is named, with what makes it; the items the
+    store holds are not; 01's end asks only for 01's model. Without a store: the no-store path."""
+    root, folder = tmp_path / "ck", tmp_path / "drive"
+    series_files(root)
+    store = storage.Store(str(folder), root)
+    assert store.push(root / "reward_model", root / "warp")
+    (root / "warp" / "final_slerp" / "README.md").write_text("card")  # written after the push
+    (root / "warp" / "iter1" / "merge.json").unlink()
+    (folder / "warp" / "iter1" / "merge.json").unlink()  # in neither: 04's angles
+
+    complete, said = storage.handoff(store, "02_warp_training", "colab")
+    assert not complete and (folder / "warp" / "final_slerp" / "README.md").read_text() == "card"
+    assert said.startswith(f"NOT all that 03 and 04 need is in the store {folder}; missing:")
+    missing = said.splitlines()[1:]
+    assert missing == [
+        "  warp/iter1/merge.json (02's last merge (its angles, in 04's table)): it is not on this disk "
+        "either: rerun this notebook with this STORE, which makes it again"
+    ]
+    assert storage.handoff(store, "01_reward_model", "colab") == (
+        True, f"all that 02, 03 and 04 need is in the store {folder}: reward_model"
+    )  # fmt: skip
+    (root / "warp" / "iter1" / "merge.json").write_text("{}")  # back here: the check pushes it
+    (root / "eval").mkdir()
+    (root / "eval" / "results.csv").write_text("score")  # 03's own results, not pushed yet
+    complete, said = storage.handoff(store, "03_generation_eval", "colab", own=[root / "eval"])
+    assert complete and said.startswith(f"all that 04 needs is in the store {folder}: reward_model, ")
+    assert "warp/iter1/merge.json" in said and "warp/reinforce" not in said  # 04 takes no REINFORCE
+    assert (folder / "eval" / "results.csv").exists()
+    (folder / "reward_model" / "metrics.json").unlink()  # the store lost part of the model
+    assert storage.handoff(store, "02_warp_training", "local")[0]
+    assert (folder / "reward_model" / "metrics.json").exists()  # pushed again from here
+    nothing = storage.Store("", root)
+    assert storage.handoff(nothing, "01_reward_model", "kaggle") == (
+        False, "no store: what 02, 03 and 04 need is on this disk only. " + storage.no_store_hint("kaggle")
+    )  # fmt: skip
+
+
+def test_handoff_after_a_push_the_hub_refused_says_to_rerun_the_cell(tmp_path, monkeypatch):
+    """01's push of its model fails through every retry (503): the check retries it, fails, names the
+    model and says to rerun the cell; once the Hub answers, the rerun's check pushes it and says so."""
+    import store_backends
+
+    hub = StandInHub(tmp_path / "hub").install(monkeypatch)
+    root = tmp_path / "ck"
+    series_files(root)
+    store = storage.Store("me/warp-imdb", root, token="hf_x")
+    hub.fail("create_commit", status=503, times=2 * store_backends.BACKOFF.tries)
+    with pytest.warns(UserWarning, match="could not push"):
+        assert not store.push(root / "reward_model")
+    with pytest.warns(UserWarning, match="could not push"):
+        complete, said = storage.handoff(store, "01_reward_model", "kaggle")
+    assert not complete and said.splitlines()[1:] == [
+        "  reward_model (01's reward model): its push failed (the warning above says why): rerun this cell, "
+        "it pushes them from here"
+    ]
+    hub.clear_faults()
+    complete, said = storage.handoff(store, "01_reward_model", "kaggle")
+    assert complete and said == "all that 02, 03 and 04 need is in the store me/warp-imdb: reward_model"
+    assert {"reward_model/model.safetensors", "reward_model/metrics.json"} <= set(hub.files("me/warp-imdb"))
+
+
+def test_a_carried_push_deletes_here_what_the_failed_push_was_to_discard(tmp_path, monkeypatch):
+    """A run's end: the push of its final state that deletes its progress fails, so its progress and the
+    one before stay here (the store may hold only an older state). The next push carries it; once that is
+    confirmed the progress files go from this disk too, except one written since the failure."""
+    import os
+
+    import store_backends
+
+    hub = StandInHub(tmp_path / "hub").install(monkeypatch)
+    root = tmp_path / "ck"
+    for name in ("final", "metrics", "progress.pt", "progress.prev.pt", "other/progress.pt"):
+        (root / "run" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "run" / name).write_bytes(b"x")
+    store = storage.Store("me/warp", root, token="hf_x")
+    hub.fail("create_commit", status=503, times=2 * store_backends.BACKOFF.tries)
+    with pytest.warns(UserWarning, match="could not push"):
+        assert not store.push(root / "run" / "final", delete=[root / "run" / "progress.pt"])
+    with pytest.warns(UserWarning, match="could not push"):
+        assert not store.push(root / "run" / "metrics", delete=[root / "run" / "other" / "progress.pt"])
+    assert (root / "run" / "progress.pt").exists() and (root / "run" / "progress.prev.pt").exists()
+    later = time.time() + 60  # the other progress was written again after its push failed
+    os.utime(root / "run" / "other" / "progress.pt", (later, later))
+    hub.clear_faults()
+    assert store.push() and set(hub.files("me/warp")) >= {"run/final", "run/metrics"}
+    assert not (root / "run" / "progress.pt").exists() and not (root / "run" / "progress.prev.pt").exists()
+    assert (root / "run" / "other" / "progress.pt").exists() and (root / "run" / "final").exists()
+
+
+def test_flush_drive_waits_for_drive_only_on_colab_with_a_drive_store_once_all_is_stored(
+    tmp_path, monkeypatch
+):
+    """Colab's Drive uploads after the cell returns: the last cell flushes it (which unmounts it) only on
+    Colab, only with the store on Drive, and only once all is stored (a rerun would write to it); else it
+    says to."""
+    import sys
+    import types
+
+    flushed = []
+    colab = types.ModuleType("google.colab")
+    colab.drive = SimpleNamespace(flush_and_unmount=lambda: flushed.append(1))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setattr(storage, "DRIVE", tmp_path / "drive")
+    on_drive = storage.Store(str(tmp_path / "drive" / "MyDrive" / "store"), tmp_path / "ck")
+    elsewhere = storage.Store(str(tmp_path / "store"), tmp_path / "ck")
+    assert storage.flush_drive(on_drive, "kaggle", True) is None and flushed == []
+    assert storage.flush_drive(elsewhere, "colab", True) is None and flushed == []
+    assert storage.flush_drive(storage.Store("", tmp_path / "ck"), "colab", True) is None
+    said = storage.flush_drive(on_drive, "colab", False)
+    assert "NOT flushed" in said and "drive.flush_and_unmount()" in said and flushed == []
+    assert storage.flush_drive(on_drive, "colab", True).startswith("Drive flushed") and flushed == [1]
+
+
+class PullsOnly:
+    """A store that records what a notebook's config cell pulls, relative to the checkpoints root."""
+
+    location = "me/warp-imdb"
+
+    def __init__(self, root: Path):
+        self.root, self.pulled = root, []
+
+    def __bool__(self):
+        return True
+
+    def pull(self, *paths):
+        self.pulled += [Path(p).relative_to(self.root).as_posix() for p in paths]
+
+
+@pytest.mark.parametrize("notebook", ["02_warp_training", "03_generation_eval", "04_mu_sweep"])
+def test_what_handoff_checks_is_what_the_next_notebooks_config_cell_pulls(notebook, tmp_path, monkeypatch):
+    """`storage.TAKES` lists what each notebook pulls from the store: its config cell, run with a store
+    that records the pulls (no model loads), pulls those paths and no others (04 with 02's settings
+    recorded, so that it pulls 02's run of the mu to reuse it)."""
+    import checkpoints
+    import config
+    import runs
+    from tests.notebook import ROOT
+
+    cells = json.loads((ROOT / f"{notebook}.ipynb").read_text())["cells"]
+    code = next("".join(c["source"]) for c in cells if "storage.open_store(" in "".join(c["source"]))
+    root = tmp_path / "ck"
+    store = PullsOnly(root)
+    monkeypatch.setattr(storage, "open_store", lambda *args: store)
+    monkeypatch.setattr(checkpoints, "resolve_checkpoint", lambda source, **k: str(tmp_path / "warp"))
+    monkeypatch.setattr(config, "check_fits_models", lambda *args: None)
+    monkeypatch.setattr(runs, "claim_out_dir", lambda *args, **k: None)
+    parameters = dict(PRESET="imdb", CHECKPOINTS=str(root), STORE="", token=None, OVERRIDES={}, MUS=[0.01])
+    parameters.update(WARP="", REWARD_MODEL="", REFERENCE_LM="", EVAL_OVERRIDES={})
+    imports = "import json, dataclasses, config, storage, checkpoints, evaluation, runs, pandas as pd"
+    scope = {}
+    exec(compile(imports + "\nfrom pathlib import Path", "imports", "exec"), scope)
+    scope.update(parameters)
+    for again in (False, True):
+        if again:  # 04 again, with 02's settings those of its mu
+            (root / "warp").mkdir(parents=True)
+            (root / "warp" / "config.json").write_text(checkpoints.to_json(scope["configs"][0.01].to_dict()))
+            store.pulled = []
+        exec(compile(code, f"{notebook}: config", "exec"), scope)
+        if notebook != "04_mu_sweep":
+            break
+    cfg = scope.get("configs", {0.01: None})[0.01] if notebook == "04_mu_sweep" else None
+    last = (cfg.iterations if cfg else 1) - 1
+    assert set(store.pulled) == {rel.format(last=last) for rel in storage.TAKES[notebook]}
