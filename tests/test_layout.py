@@ -23,6 +23,8 @@ OURS = {
     "offline",
     "limits",
     "geometry",
+    "store_backends",
+    "handoff",
 }
 # who may import whom: notebooks -> warp -> utils; runs, checkpoints, storage and config beside; evaluation
 # (and the testbed's limits) for 02-04; the sampler uses utils' LM head (float32 logits), as the log-probs do
@@ -30,7 +32,9 @@ ALLOWED = {
     "utils": set(),
     "sampling": {"utils"},
     "checkpoints": set(),
-    "storage": {"checkpoints"},
+    "storage": {"checkpoints", "store_backends"},
+    "store_backends": {"checkpoints"},
+    "handoff": {"storage", "checkpoints", "store_backends"},  # what a notebook checks at its end
     "runs": {"utils", "checkpoints"},
     "config": {"checkpoints", "offline"},
     "warp": {"utils", "sampling", "runs", "checkpoints", "storage", "config", "geometry"},

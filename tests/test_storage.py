@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import handoff
 import storage
 from tests.hub_standin import StandInHub
 
@@ -175,13 +176,13 @@ def test_01_says_stored_only_for_what_the_store_confirmed(tmp_path):
         def summary(self):
             return "summary"
 
-    fake_storage = SimpleNamespace(
-        handoff=lambda store, *args: (store.ok, "handoff"), flush_drive=lambda *a: None
+    fake_handoff = SimpleNamespace(
+        check=lambda store, *args: (store.ok, "handoff"), flush_drive=lambda *a: None
     )
     for ok, said in ((False, "NOT in the store me/warp-imdb"), (True, "is stored in me/warp-imdb")):
         scope = dict(train_now=False, stopped_early=False, out=tmp_path / "reward_model", store=FakeStore(ok))
         scope.update(progress_dir=tmp_path / "reward_model_progress")
-        scope.update(storage=fake_storage, config=config, checkpoints=checkpoints, CHECKPOINTS=str(tmp_path))
+        scope.update(handoff=fake_handoff, config=config, checkpoints=checkpoints, CHECKPOINTS=str(tmp_path))
         with redirect_stdout(io.StringIO()) as printed:
             exec(compile(code, "01-last-cell", "exec"), scope)
         assert said in printed.getvalue()
@@ -269,8 +270,8 @@ def test_01_stores_the_model_with_its_progress_deleted_in_one_commit_and_a_rerun
     cfg = SimpleNamespace(mode="lora", eval_batch_size=2, batch_size=2, val_pairs=1, reward_base="b",
                           data="d", save=lambda path: Path(path).write_text("{}"), to_dict=dict)  # fmt: skip
     store = FakeStore()
-    fake_storage = SimpleNamespace(
-        handoff=lambda store, *args: (store.ok, "handoff"), flush_drive=lambda *a: None
+    fake_handoff = SimpleNamespace(
+        check=lambda store, *args: (store.ok, "handoff"), flush_drive=lambda *a: None
     )
     scope = dict(
         train_now=True, stopped_early=False, out=out, progress_dir=progress, store=store, model=Trained(),
@@ -279,7 +280,7 @@ def test_01_stores_the_model_with_its_progress_deleted_in_one_commit_and_a_rerun
         train_seconds=1.0, val_seconds=0.1, history=[{"pairs": 4}], torch=torch, resumed_from=None,
         accelerator=SimpleNamespace(device="cpu", mixed_precision="no"), model_info={}, json=json,
         shutil=shutil, config=config, CHECKPOINTS=str(tmp_path / "ck"),
-        storage=fake_storage,
+        handoff=fake_handoff,
     )  # fmt: skip
     with redirect_stdout(io.StringIO()) as printed:
         exec(compile(code, "01-save-cell", "exec"), scope)
@@ -347,7 +348,7 @@ def test_handoff_asks_the_store_pushes_what_is_here_and_names_what_is_missing(tm
     (root / "warp" / "iter1" / "merge.json").unlink()
     (folder / "warp" / "iter1" / "merge.json").unlink()  # in neither: 04's angles
 
-    complete, said = storage.handoff(store, "02_warp_training", "colab")
+    complete, said = handoff.check(store, "02_warp_training", "colab")
     assert not complete and (folder / "warp" / "final_slerp" / "README.md").read_text() == "card"
     assert said.startswith(f"NOT all that 03 and 04 need is in the store {folder}; missing:")
     missing = said.splitlines()[1:]
@@ -355,21 +356,21 @@ def test_handoff_asks_the_store_pushes_what_is_here_and_names_what_is_missing(tm
         "  warp/iter1/merge.json (02's last merge (its angles, in 04's table)): it is not on this disk "
         "either: rerun this notebook with this STORE, which makes it again"
     ]
-    assert storage.handoff(store, "01_reward_model", "colab") == (
+    assert handoff.check(store, "01_reward_model", "colab") == (
         True, f"all that 02, 03 and 04 need is in the store {folder}: reward_model"
     )  # fmt: skip
     (root / "warp" / "iter1" / "merge.json").write_text("{}")  # back here: the check pushes it
     (root / "eval").mkdir()
     (root / "eval" / "results.csv").write_text("score")  # 03's own results, not pushed yet
-    complete, said = storage.handoff(store, "03_generation_eval", "colab", own=[root / "eval"])
+    complete, said = handoff.check(store, "03_generation_eval", "colab", own=[root / "eval"])
     assert complete and said.startswith(f"all that 04 needs is in the store {folder}: reward_model, ")
     assert "warp/iter1/merge.json" in said and "warp/reinforce" not in said  # 04 takes no REINFORCE
     assert (folder / "eval" / "results.csv").exists()
     (folder / "reward_model" / "metrics.json").unlink()  # the store lost part of the model
-    assert storage.handoff(store, "02_warp_training", "local")[0]
+    assert handoff.check(store, "02_warp_training", "local")[0]
     assert (folder / "reward_model" / "metrics.json").exists()  # pushed again from here
     nothing = storage.Store("", root)
-    assert storage.handoff(nothing, "01_reward_model", "kaggle") == (
+    assert handoff.check(nothing, "01_reward_model", "kaggle") == (
         False, "no store: what 02, 03 and 04 need is on this disk only. " + storage.no_store_hint("kaggle")
     )  # fmt: skip
 
@@ -387,13 +388,13 @@ def test_handoff_after_a_push_the_hub_refused_says_to_rerun_the_cell(tmp_path, m
     with pytest.warns(UserWarning, match="could not push"):
         assert not store.push(root / "reward_model")
     with pytest.warns(UserWarning, match="could not push"):
-        complete, said = storage.handoff(store, "01_reward_model", "kaggle")
+        complete, said = handoff.check(store, "01_reward_model", "kaggle")
     assert not complete and said.splitlines()[1:] == [
         "  reward_model (01's reward model): its push failed (the warning above says why): rerun this cell, "
         "it pushes them from here"
     ]
     hub.clear_faults()
-    complete, said = storage.handoff(store, "01_reward_model", "kaggle")
+    complete, said = handoff.check(store, "01_reward_model", "kaggle")
     assert complete and said == "all that 02, 03 and 04 need is in the store me/warp-imdb: reward_model"
     assert {"reward_model/model.safetensors", "reward_model/metrics.json"} <= set(hub.files("me/warp-imdb"))
 
@@ -443,12 +444,12 @@ def test_flush_drive_waits_for_drive_only_on_colab_with_a_drive_store_once_all_i
     monkeypatch.setattr(storage, "DRIVE", tmp_path / "drive")
     on_drive = storage.Store(str(tmp_path / "drive" / "MyDrive" / "store"), tmp_path / "ck")
     elsewhere = storage.Store(str(tmp_path / "store"), tmp_path / "ck")
-    assert storage.flush_drive(on_drive, "kaggle", True) is None and flushed == []
-    assert storage.flush_drive(elsewhere, "colab", True) is None and flushed == []
-    assert storage.flush_drive(storage.Store("", tmp_path / "ck"), "colab", True) is None
-    said = storage.flush_drive(on_drive, "colab", False)
+    assert handoff.flush_drive(on_drive, "kaggle", True) is None and flushed == []
+    assert handoff.flush_drive(elsewhere, "colab", True) is None and flushed == []
+    assert handoff.flush_drive(storage.Store("", tmp_path / "ck"), "colab", True) is None
+    said = handoff.flush_drive(on_drive, "colab", False)
     assert "NOT flushed" in said and "drive.flush_and_unmount()" in said and flushed == []
-    assert storage.flush_drive(on_drive, "colab", True).startswith("Drive flushed") and flushed == [1]
+    assert handoff.flush_drive(on_drive, "colab", True).startswith("Drive flushed") and flushed == [1]
 
 
 class PullsOnly:
@@ -468,7 +469,7 @@ class PullsOnly:
 
 @pytest.mark.parametrize("notebook", ["02_warp_training", "03_generation_eval", "04_mu_sweep"])
 def test_what_handoff_checks_is_what_the_next_notebooks_config_cell_pulls(notebook, tmp_path, monkeypatch):
-    """`storage.TAKES` lists what each notebook pulls from the store: its config cell, run with a store
+    """`handoff.TAKES` lists what each notebook pulls from the store: its config cell, run with a store
     that records the pulls (no model loads), pulls those paths and no others (04 with 02's settings
     recorded, so that it pulls 02's run of the mu to reuse it)."""
     import checkpoints
@@ -500,4 +501,4 @@ def test_what_handoff_checks_is_what_the_next_notebooks_config_cell_pulls(notebo
             break
     cfg = scope.get("configs", {0.01: None})[0.01] if notebook == "04_mu_sweep" else None
     last = (cfg.iterations if cfg else 1) - 1
-    assert set(store.pulled) == {rel.format(last=last) for rel in storage.TAKES[notebook]}
+    assert set(store.pulled) == {rel.format(last=last) for rel in handoff.TAKES[notebook]}
