@@ -399,6 +399,60 @@ def test_handoff_after_a_push_the_hub_refused_says_to_rerun_the_cell(tmp_path, m
     assert {"reward_model/model.safetensors", "reward_model/metrics.json"} <= set(hub.files("me/warp-imdb"))
 
 
+def last_cell(notebook: str) -> str:
+    """The code of `notebook`'s last cell that pushes to the store (its save cell)."""
+    from tests.notebook import ROOT
+
+    cells = json.loads((ROOT / f"{notebook}.ipynb").read_text())["cells"]
+    return [src for c in cells if "store.push(" in (src := "".join(c["source"]))][-1]
+
+
+@pytest.mark.parametrize("notebook", ["03_generation_eval", "04_mu_sweep"])
+def test_03_and_04_say_stored_only_once_the_hub_took_their_records(tmp_path, monkeypatch, notebook):
+    """03's and 04's save cells, run as they are on a Hub store whose commits fail through every retry
+    (503): neither says its records are stored, and the end-of-notebook check names them with "rerun this
+    cell"; rerun once the Hub answers, the cell says so and the store holds every record, byte for byte."""
+    import pandas as pd
+
+    import checkpoints
+    import config
+    import store_backends
+
+    hub = StandInHub(tmp_path / "hub").install(monkeypatch)
+    root = tmp_path / "ck"
+    series_files(root)
+    (root / "warp" / "timing.json").write_text("{}")
+    store = storage.Store("me/warp-imdb", root, token="hf_x")
+    assert store.push(root / "reward_model", root / "warp")  # 01's and 02's results, stored before
+    scope = dict(store=store, checkpoints=checkpoints, config=config, handoff=handoff, preset="offline")
+    scope.update(CHECKPOINTS=str(root), Path=Path, results={"SFT": {"score": 0.1}})
+    if notebook == "03_generation_eval":
+        out = root / "eval"
+        records = ["results.csv", "pareto.csv", "paired.csv", "samples.csv", "headline.json"]
+        scope.update(out=out, front=[], paired=pd.DataFrame({"a": [1]}), reference_source="", limit=None)
+    else:
+        out = root / "mu_sweep"
+        records = ["mu_sweep.csv", "mu_sweep.png", "headline.json"]
+        warp_run = SimpleNamespace(out_dir=str(root / "warp"), iterations=2)
+        scope.update(root=out, MUS=[0.01], configs={0.01: warp_run})
+    out.mkdir()
+    for name in records[:-1]:
+        (out / name).write_text(name)
+    code = compile(last_cell(notebook), f"{notebook}-save-cell", "exec")
+    hub.fail("create_commit", status=503, times=2 * store_backends.BACKOFF.tries)
+    with pytest.warns(UserWarning, match="could not push"), redirect_stdout(io.StringIO()) as printed:
+        exec(code, dict(scope))
+    assert "stored in me/warp-imdb" not in printed.getvalue()
+    assert "NOT all that" in printed.getvalue() and "rerun this cell" in printed.getvalue()
+    assert not any(f.startswith(out.name + "/") for f in hub.files("me/warp-imdb"))
+    hub.clear_faults()
+    with redirect_stdout(io.StringIO()) as printed:
+        exec(code, dict(scope))
+    assert "stored in me/warp-imdb" in printed.getvalue() and "NOT all" not in printed.getvalue()
+    held = hub.files("me/warp-imdb")
+    assert all(held[f"{out.name}/{name}"] == (out / name).read_bytes() for name in records)
+
+
 def test_a_carried_push_deletes_here_what_the_failed_push_was_to_discard(tmp_path, monkeypatch):
     """A run's end: the push of its final state that deletes its progress fails, so its progress and the
     one before stay here (the store may hold only an older state). The next push carries it; once that is

@@ -8,9 +8,12 @@ The sample covers every kind of push 02 makes, on 02's own functions (`warp.warp
 `warp.train_reinforce_baseline`) with tiny settings: a run's final (`RunFiles.finish`, in iteration 0 and
 in the last), a merge (`Stage.keep` of iteration 0's next start), the final policies (`Stage.end`), a
 progress checkpoint (`push_progress`: `store_progress_minutes=0`), REINFORCE's snapshots (one rides with a
-progress checkpoint, the last with the run's final). Not sampled here: 01's model and 03/04's records,
-pushes of the same `Store.push` from notebook cells that print "stored" only on its True (the notebook
-runs they need do not fit CI's budget); `bench/store_faults.py` sweeps every commit of 02's training.
+progress checkpoint, the last with the run's final). The other kinds are pushes of the same `Store.push`
+from notebook cells, tested on those cells' own code in tests/test_storage.py (whole notebook runs for each
+fault do not fit CI's budget): 01's model (`test_01_stores_the_model_with_its_progress_deleted_in_one_commit_
+and_a_rerun_only_pushes`, `test_handoff_after_a_push_the_hub_refused_says_to_rerun_the_cell`) and 03's and
+04's records (`test_03_and_04_say_stored_only_once_the_hub_took_their_records`, on a Hub stand-in that
+refuses, then answers). `bench/store_faults.py` sweeps every commit of 02's training.
 """
 
 from __future__ import annotations
