@@ -22,23 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # import utils fro
 # Location of the shared real-IMDb sample (beside the checkout, as CI has it); tests skip when absent.
 IMDB_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb_sample.jsonl"
 
-# Files whose tests share an expensive module fixture (a notebook run, trained models, a benchmark's
-# report) run whole in one worker, so that the fixture is made once; the others are spread test by test.
-# The longest start first, so that no worker waits at the end behind a notebook chain that began late.
-LONGEST_FIRST = ["test_series.py", "test_imdb_shaped.py", "test_01_reward_model.py", "test_store.py"]
-SHARED_FIXTURES = {
-    *LONGEST_FIRST, "test_bench_rl.py", "test_study.py", "test_offline.py", "test_reliability.py",
-    "test_warp.py", "test_evaluation.py", "test_store_faults.py", "test_store_processes.py",
-}  # fmt: skip
+# README's command runs the suite with `--dist loadfile`: each file whole in one worker, so that a module
+# fixture (a notebook run, trained models, a benchmark's report) is made once. (Not `loadgroup` with marks
+# added here: under pytest >= 9.2 pytest-xdist's group suffix no longer reaches the node ids, pytest-xdist
+# issue #1386, and every such fixture was built in both workers.) The files that take longest start first,
+# so that no worker waits at the end behind a notebook chain that began late.
+LONGEST_FIRST = ["test_imdb_shaped.py", "test_series.py", "test_01_reward_model.py", "test_store.py"]
 
 
 def pytest_collection_modifyitems(config, items):
-    """Group the files of SHARED_FIXTURES (pytest-xdist's `--dist loadgroup`), longest first."""
-    for item in items:
-        if item.path.name in SHARED_FIXTURES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    """The files of LONGEST_FIRST first, in that order; each file keeps its own order."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
 
 
 TINY_VOCAB = 50  # small enough to enumerate sequences, large enough for top-k to matter
