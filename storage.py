@@ -294,6 +294,11 @@ class Store:
                 _checked_repo(location, token, "")  # raises: a Hub repo needs a token
             self.backend = HubBackend(location, token, backoff)
 
+    def __getstate__(self) -> dict:
+        """A spawned training process's copy: the records waiting for a commit stay the parent's to push
+        (else each child's first commit uploads them again)."""
+        return {**self.__dict__, "_later": []}
+
     def __bool__(self) -> bool:
         return bool(self.location)
 

@@ -90,6 +90,8 @@ def test_two_processes_store_what_one_does_through_409_503_and_429(assets, tmp_p
     history = hub.commits("me/two")  # the repo's first commit (its creation), then the store's
     assert len(finals) == 4 and len(two.log) == len(one.log) == len(history) - 1
     assert f"{len(two.log)} commit(s) this session" in two.summary()
+    uploads = lambda store: sorted(f for e in store.log for f in e["added"])
+    assert uploads(two) == uploads(one), "each file uploaded as often (a child re-sent the parent's records)"
 
     # (2) a run's final is deleted by the commit that stores the merge made from it
     for i in range(2):
